@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# System libraries Qt needs on a bare Debian/Ubuntu, and Xvfb for the screenshot tests.
+# Installs only as root with apt-get; otherwise says what to install and carries on.
+set -uo pipefail
+pkgs=(xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0 libegl1 libgl1
+      libxcb-image0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-xkb1
+      libfontconfig1 libdbus-1-3 libglib2.0-0 fonts-dejavu-core)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "note: missing system packages (Qt/Xvfb): ${missing[*]}" >&2
+  echo "      install them with: sudo apt-get install ${missing[*]}" >&2
+fi
+exit 0

@@ -1,0 +1,308 @@
+"""Training runs: build, fit with checkpoints and resume, validate, export weights with a manifest.
+
+A run lives in one folder:
+``config.json`` (everything needed to resume), ``last.keras`` (model and optimizer after the
+latest epoch), ``best.weights.h5`` (best validation weighted log loss so far), ``state.json``
+(epoch, best score, patience), ``log.csv`` and ``tensorboard/``, and once exported
+``ich_xception_lstm.weights.h5`` with its manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ich_model.labels import LABELS, METRIC_WEIGHTS
+from ich_model.metrics import per_label_auc, sensitivity_specificity, weighted_log_loss
+from ich_model.model import ModelConfig, build_model, save_weights
+from training.datasets import Sample, describe, read_dataset, split_by_group
+from training.pipeline import PipelineConfig, decode_inputs, eval_dataset, train_dataset
+
+log = logging.getLogger(__name__)
+
+EXPORT_NAME = "ich_xception_lstm.weights.h5"
+
+
+@keras.saving.register_keras_serializable(package="ich")
+def weighted_bce(y_true: Any, y_pred: Any) -> Any:
+    """Binary cross-entropy weighted like the RSNA metric (any x2), averaged per slice."""
+    w = tf.constant(METRIC_WEIGHTS, dtype=tf.float32)
+    y_pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0 - 1e-7)
+    y_true = tf.cast(y_true, tf.float32)
+    bce = -(y_true * tf.math.log(y_pred) + (1.0 - y_true) * tf.math.log(1.0 - y_pred))
+    return tf.reduce_sum(bce * w, axis=-1) / tf.reduce_sum(w)
+
+
+@dataclass
+class RunConfig:
+    data: list[str]
+    formats: list[str | None]
+    out: str
+    model: dict[str, Any] = field(default_factory=lambda: ModelConfig().to_dict())
+    pipeline: dict[str, Any] = field(default_factory=lambda: asdict(PipelineConfig()))
+    epochs: int = 30
+    steps_per_epoch: int | None = None
+    learning_rate: float = 1e-4
+    val_fraction: float = 0.2
+    seed: int = 0
+    patience: int = 5
+    max_minutes: float | None = None
+    hu_range: tuple[float, float] | None = None
+    command: str = ""
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        if d.get("hu_range"):
+            d["hu_range"] = tuple(d["hu_range"])
+        return cls(**d)
+
+
+def _strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirrored with TF_CONFIG, Mirrored across several GPUs, else the default."""
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _is_chief() -> bool:
+    cfg = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task = cfg.get("task", {})
+    return task.get("type", "worker") in ("chief",) or (
+        task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0
+    ) or not cfg
+
+
+def evaluate_arrays(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+    """Every metric we report, on one set of labels and predictions."""
+    sens_spec = {lab: sensitivity_specificity(y[:, i], p[:, i], threshold)
+                 for i, lab in enumerate(LABELS)}
+    return {
+        "weighted_log_loss": weighted_log_loss(y, p),
+        "auc": per_label_auc(y, p),
+        "n_images": int(len(y)),
+        "threshold": threshold,
+        "sensitivity": {k: v[0] for k, v in sens_spec.items()},
+        "specificity": {k: v[1] for k, v in sens_spec.items()},
+        "positives": {lab: int(y[:, i].sum()) for i, lab in enumerate(LABELS)},
+    }
+
+
+class _Progress(keras.callbacks.Callback):
+    """One line per epoch with time left; the batch bar comes from Keras's own verbose=1."""
+
+    def __init__(self, total_epochs: int) -> None:
+        super().__init__()
+        self.total = total_epochs
+        self.t0 = time.time()
+        self.first: int | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.first is None:
+            self.first = epoch
+        done = epoch - self.first + 1
+        per = (time.time() - self.t0) / done
+        left = per * (self.total - epoch - 1)
+        print(f"epoch {epoch + 1}/{self.total} done, about {left / 60:.1f} min left", flush=True)
+
+
+class _ValidateAndCheckpoint(keras.callbacks.Callback):
+    """After each epoch: validate with the challenge metric, checkpoint, early-stop, time-limit."""
+
+    def __init__(self, run: Path, cfg: RunConfig, xv: np.ndarray, yv: np.ndarray,
+                 state: dict[str, Any], deadline: float | None) -> None:
+        super().__init__()
+        self.run, self.cfg, self.xv, self.yv = run, cfg, xv, yv
+        self.state = state
+        self.deadline = deadline
+        self.epoch_start = time.time()
+        self.writer = tf.summary.create_file_writer(str(run / "tensorboard"))
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch_start = time.time()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = dict(logs or {})
+        row: dict[str, Any] = {"epoch": epoch + 1, "loss": logs.get("loss"),
+                               "seconds": round(time.time() - self.epoch_start, 1)}
+        if len(self.yv):
+            p = self.model.predict(eval_dataset(self.xv, 64), verbose=0)
+            m = evaluate_arrays(self.yv, p)
+            row["val_weighted_log_loss"] = m["weighted_log_loss"]
+            for lab, v in m["auc"].items():
+                row[f"val_auc_{lab}"] = v
+            score = m["weighted_log_loss"]
+        else:
+            score = float(logs.get("loss", np.inf))
+        with self.writer.as_default():
+            for k, v in row.items():
+                if k != "epoch" and v is not None and np.isfinite(v):
+                    tf.summary.scalar(k, v, step=epoch + 1)
+        self._append_csv(row)
+        chief = _is_chief()
+        if score < self.state.get("best", np.inf):
+            self.state.update(best=score, best_epoch=epoch + 1, wait=0)
+            if chief:
+                self.model.save_weights(str(self.run / "best.weights.h5"))
+        else:
+            self.state["wait"] = self.state.get("wait", 0) + 1
+        self.state["epoch"] = epoch + 1
+        if chief:
+            tmp = self.run / "last.tmp.keras"
+            self.model.save(str(tmp))
+            tmp.replace(self.run / "last.keras")
+            (self.run / "state.json").write_text(json.dumps(self.state, indent=2), encoding="utf-8")
+        auc_any = row.get("val_auc_any")
+        print(f"epoch {epoch + 1}: loss {row['loss']:.4f}, val wLL {score:.4f}"
+              + (f", val AUC(any) {auc_any:.3f}" if auc_any is not None else "")
+              + f", best {self.state['best']:.4f} (epoch {self.state['best_epoch']})", flush=True)
+        if self.state["wait"] >= self.cfg.patience:
+            print(f"early stop: no improvement for {self.cfg.patience} epochs", flush=True)
+            self.model.stop_training = True
+        if self.deadline is not None and time.time() > self.deadline:
+            print("time limit reached: stopping after this epoch (resume with --resume)", flush=True)
+            self.model.stop_training = True
+
+    def _append_csv(self, row: dict[str, Any]) -> None:
+        path = self.run / "log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+def _load_samples(cfg: RunConfig) -> tuple[list[Sample], list[Sample]]:
+    samples: list[Sample] = []
+    for folder, fmt in zip(cfg.data, cfg.formats, strict=True):
+        samples.extend(read_dataset(folder, fmt))
+    return split_by_group(samples, cfg.val_fraction, cfg.seed)
+
+
+def fit(cfg: RunConfig, resume: bool = False) -> Path:
+    """Train (or resume) a run; returns the run folder. Exports weights at the end."""
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {"epoch": 0, "best": float("inf"), "best_epoch": 0, "wait": 0}
+    if resume:
+        if not (run / "config.json").is_file():
+            raise FileNotFoundError(f"{run}: no config.json to resume from")
+        saved = RunConfig.load(run / "config.json")
+        saved.epochs = cfg.epochs
+        saved.max_minutes = cfg.max_minutes
+        saved.patience = cfg.patience
+        cfg = saved
+        if (run / "state.json").is_file():
+            state.update(json.loads((run / "state.json").read_text(encoding="utf-8")))
+    else:
+        cfg.save(run / "config.json")
+
+    keras.utils.set_random_seed(cfg.seed + state["epoch"])
+    mcfg = ModelConfig.from_dict(cfg.model)
+    pcfg = PipelineConfig(**{**cfg.pipeline, "input_size": mcfg.input_size,
+                             "hu_range": cfg.hu_range, "seed": cfg.seed + state["epoch"]})
+    train_s, val_s = _load_samples(cfg)
+    print(f"data: {len(train_s)} training and {len(val_s)} validation slices; "
+          f"groups on both sides: {len({s.group for s in train_s} & {s.group for s in val_s})}",
+          flush=True)
+    t0 = time.time()
+    xt, yt = decode_inputs(train_s, pcfg)
+    xv, yv = decode_inputs(val_s, pcfg) if val_s else (np.zeros((0,)), np.zeros((0, 6)))
+    print(f"decoded and windowed {len(xt) + len(xv)} slices in {time.time() - t0:.0f} s", flush=True)
+    (run / "data.json").write_text(json.dumps(
+        {"train": describe(train_s), "validation": describe(val_s),
+         "validation_groups": sorted({s.group for s in val_s})}, indent=2), encoding="utf-8")
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = _strategy()
+    with strategy.scope():
+        if resume and (run / "last.keras").is_file():
+            model = keras.models.load_model(str(run / "last.keras"), safe_mode=True)
+            print(f"resumed from {run / 'last.keras'} after epoch {state['epoch']}", flush=True)
+        else:
+            model = build_model(mcfg)
+            model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=weighted_bce)
+    steps = cfg.steps_per_epoch or max(1, len(train_s) // pcfg.batch_size)
+    deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    if state["epoch"] < cfg.epochs:
+        model.fit(
+            train_dataset(xt, yt, pcfg),
+            epochs=cfg.epochs,
+            initial_epoch=state["epoch"],
+            steps_per_epoch=steps,
+            verbose=2 if not sys.stdout.isatty() else 1,
+            callbacks=[_ValidateAndCheckpoint(run, cfg, xv, yv, state, deadline),
+                       _Progress(cfg.epochs)],
+        )
+    if _is_chief():
+        export(run, cfg, model, xv, yv, val_s, train_s)
+    return run
+
+
+def export(run: Path, cfg: RunConfig, model: keras.Model, xv: np.ndarray, yv: np.ndarray,
+           val_s: Sequence[Sample], train_s: Sequence[Sample]) -> Path:
+    """Write the best weights with a manifest holding the held-out metrics."""
+    mcfg = ModelConfig.from_dict(cfg.model)
+    if (run / "best.weights.h5").is_file():
+        model.load_weights(str(run / "best.weights.h5"))
+    metrics: dict[str, Any] = {}
+    if len(yv):
+        p = model.predict(eval_dataset(xv, 64), verbose=0)
+        metrics = evaluate_arrays(yv, p)
+        metrics["dataset"] = "held-out validation split (" + ", ".join(sorted({s.source for s in val_s})) + ")"
+        np.savez_compressed(run / "validation_predictions.npz", y=yv, p=p,
+                            paths=np.asarray([str(s.path) for s in val_s]))
+    inference = build_model(mcfg, inference=True)
+    inference.set_weights(model.get_weights())
+    counts = describe(train_s)
+    data_summary = "; ".join(f"{k}: {v['slices']} slices, {v['any']} with ICH"
+                             for k, v in counts.items())
+    state = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else {}
+    path = save_weights(
+        inference, mcfg, run / EXPORT_NAME, trained=True, hu_range=cfg.hu_range,
+        training={"data": cfg.data, "formats": cfg.formats, "data_summary": data_summary,
+                  "train_counts": counts, "validation_counts": describe(val_s),
+                  "epochs_run": state.get("epoch"), "best_epoch": state.get("best_epoch"),
+                  "learning_rate": cfg.learning_rate, "pipeline": cfg.pipeline,
+                  "val_fraction": cfg.val_fraction, "seed": cfg.seed, "command": cfg.command},
+        metrics=metrics,
+    )
+    print(f"exported {run / EXPORT_NAME} with {path.name}", flush=True)
+    return run / EXPORT_NAME
+
+
+def install(weights: Path, dest: Path) -> Path:
+    """Copy weights and manifest into ``dest`` as the bundled model (verifies the hash first)."""
+    from ich_model.weights import manifest_path_for, read_manifest
+
+    manifest, wpath = read_manifest(weights)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / EXPORT_NAME
+    shutil.copyfile(wpath, target)
+    from ich_model.weights import write_manifest
+
+    write_manifest(target, manifest)
+    log.info("installed %s -> %s", wpath, target)
+    return manifest_path_for(target)
