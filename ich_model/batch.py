@@ -268,7 +268,10 @@ def _score_one(
     reasons = analyzability(series, MIN_SLICES)
     if reasons and not force:
         return SeriesOutcome(
-            info, "not analyzable", error="; ".join(reasons), warnings=series.warnings,
+            info,
+            "not analyzable",
+            error="; ".join(reasons),
+            warnings=series.warnings,
             n_slices=series.n_slices,
         )
     try:
@@ -278,8 +281,9 @@ def _score_one(
         return SeriesOutcome(info, "failed", error=f"model error: {exc}", warnings=series.warnings)
     if not result.complete:
         return SeriesOutcome(info, "cancelled")
-    return SeriesOutcome(info, "scored", result=result, warnings=series.warnings,
-                         n_slices=series.n_slices)
+    return SeriesOutcome(
+        info, "scored", result=result, warnings=series.warnings, n_slices=series.n_slices
+    )
 
 
 def _count(summary: BatchSummary, status: str, slices: int, error: str, key: str) -> None:

@@ -140,7 +140,11 @@ def read_dicomdir(path: Path, warn: WarnFn) -> list[Path]:
         ref = rec.get("ReferencedFileID")
         if ref is None:
             continue
-        parts = [str(x) for x in ref] if isinstance(ref, Sequence) and not isinstance(ref, str) else [str(ref)]
+        parts = (
+            [str(x) for x in ref]
+            if isinstance(ref, Sequence) and not isinstance(ref, str)
+            else [str(ref)]
+        )
         f = path.parent.joinpath(*parts)
         if f.is_file():
             files.append(f)
@@ -153,12 +157,14 @@ def _read_header(path: Path) -> Dataset:
     """Read a file's header, deferring large values (pixel data) so nothing heavy is loaded."""
     try:
         return pydicom.dcmread(path, defer_size="4 KB")
-    except InvalidDicomError:
+    except InvalidDicomError as exc:
         # Files written without the 128-byte preamble are still common; accept them only
         # if what pydicom then finds looks like a real image object.
         ds = pydicom.dcmread(path, defer_size="4 KB", force=True)
         if "SOPClassUID" not in ds and "Modality" not in ds:
-            raise InvalidDicomError("not a DICOM file (no preamble, no DICOM header found)")
+            raise InvalidDicomError(
+                "not a DICOM file (no preamble, no DICOM header found)"
+            ) from exc
         return ds
 
 
@@ -177,7 +183,9 @@ def _floats(ds: Dataset, name: str, n: int) -> tuple[float, ...] | None:
         v = ds.get(name)
         if v is None:
             return None
-        vals = tuple(float(x) for x in (v if isinstance(v, Sequence) and not isinstance(v, str) else [v]))
+        vals = tuple(
+            float(x) for x in (v if isinstance(v, Sequence) and not isinstance(v, str) else [v])
+        )
     except (TypeError, ValueError):
         return None
     if len(vals) != n or not all(math.isfinite(x) for x in vals):
@@ -280,7 +288,9 @@ def _sort(headers: list[_Header], warn: WarnFn) -> list[_Header]:
         f"series {headers[0].series_uid}: ImagePositionPatient or ImageOrientationPatient "
         "missing; slices sorted by InstanceNumber"
     )
-    return sorted(headers, key=lambda h: (h.instance_number is None, h.instance_number or 0, str(h.path)))
+    return sorted(
+        headers, key=lambda h: (h.instance_number is None, h.instance_number or 0, str(h.path))
+    )
 
 
 def _positions(headers: Sequence[_Header]) -> list[float]:
@@ -485,10 +495,14 @@ def _slice_hu(path: Path) -> tuple[np.ndarray, Dataset]:
     ds = pydicom.dcmread(path, force=True)
     arr = ds.pixel_array
     if arr.ndim != 2:
-        raise SeriesLoadError(f"{path}: pixel data has shape {arr.shape}, expected one 2-D slice", [path])
+        raise SeriesLoadError(
+            f"{path}: pixel data has shape {arr.shape}, expected one 2-D slice", [path]
+        )
     rows, cols = int(ds.Rows), int(ds.Columns)
     if arr.shape != (rows, cols):
-        raise SeriesLoadError(f"{path}: pixel data {arr.shape} does not match Rows x Columns", [path])
+        raise SeriesLoadError(
+            f"{path}: pixel data {arr.shape} does not match Rows x Columns", [path]
+        )
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     pad = ds.get("PixelPaddingValue")
@@ -526,7 +540,9 @@ def load_series(
             warnings.append(f"{exc}; slice left out")
             continue
         except Exception as exc:
-            warnings.append(f"{f}: slice left out, cannot decode pixels ({type(exc).__name__}: {exc})")
+            warnings.append(
+                f"{f}: slice left out, cannot decode pixels ({type(exc).__name__}: {exc})"
+            )
             continue
         slices.append(hu)
         kept.append((f, ds))
@@ -538,7 +554,7 @@ def load_series(
             + "; ".join(w for w in warnings[-3:]),
             info.files,
         )
-    for w in warnings[len(info.warnings):]:
+    for w in warnings[len(info.warnings) :]:
         log.warning("%s", w)
 
     first = kept[0][1]
@@ -589,7 +605,7 @@ def load_study(
 def analyzability(series: CTSeries | SeriesInfo, min_slices: int = 1) -> list[str]:
     """Reasons why the model cannot read this series as trained (empty list: it can)."""
     reasons = []
-    modality = series.modality if isinstance(series, CTSeries) else series.modality
+    modality = series.modality
     if modality and modality.upper() != "CT":
         reasons.append(f"modality {modality}, the model reads CT only")
     orientation = series.orientation if isinstance(series, CTSeries) else None

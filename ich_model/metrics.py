@@ -26,8 +26,7 @@ def weighted_log_loss(
     p = np.clip(np.asarray(y_pred, dtype=np.float64), EPS, 1.0 - EPS)
     if y.shape != p.shape or y.ndim != 2 or y.shape[1] != len(weights):
         raise ValueError(
-            f"y_true and y_pred must both be [n, {len(weights)}]. "
-            f"Received: {y.shape} and {p.shape}"
+            f"y_true and y_pred must both be [n, {len(weights)}]. Received: {y.shape} and {p.shape}"
         )
     if len(y) == 0:
         raise ValueError("no rows to score")

@@ -1,4 +1,4 @@
-"""The paper's CNN-LSTM (Ko et al.): Xception, global average pooling, LSTM over 32 steps, 6 sigmoids.
+"""The paper's CNN-LSTM (Ko et al.): Xception, average pooling, LSTM over 32 steps, 6 sigmoids.
 
 Xception is written out here rather than taken from ``keras.applications`` so that
 nothing is ever downloaded and so that a narrower variant (fewer filters, fewer
@@ -41,20 +41,25 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.input_size < 32:
-            raise ValueError(f"input_size must be at least 32. Received: input_size={self.input_size}")
+            raise ValueError(
+                f"input_size must be at least 32. Received: input_size={self.input_size}"
+            )
         if not 0.0 < self.width <= 4.0:
             raise ValueError(f"width must be in (0, 4]. Received: width={self.width}")
         if self.middle_blocks < 0:
-            raise ValueError(f"middle_blocks must be >= 0. Received: middle_blocks={self.middle_blocks}")
+            raise ValueError(
+                f"middle_blocks must be >= 0. Received: middle_blocks={self.middle_blocks}"
+            )
         if self.features % self.timesteps:
             raise ValueError(
-                f"the {self.features} pooled features do not split into {self.timesteps} timesteps. "
+                f"the {self.features} pooled features do not split into "
+                f"{self.timesteps} timesteps. "
                 f"Received: width={self.width}, timesteps={self.timesteps}"
             )
 
     def filters(self, n: int) -> int:
         """Scale a filter count by ``width``, to a multiple of 8 (at least 8)."""
-        return max(8, int(round(n * self.width / 8.0)) * 8)
+        return max(8, round(n * self.width / 8.0) * 8)
 
     @property
     def features(self) -> int:
@@ -70,7 +75,9 @@ class ModelConfig:
 
 
 def _sep(x: Any, filters: int, name: str) -> Any:
-    x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sepconv")(x)
+    x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sepconv")(
+        x
+    )
     return layers.BatchNormalization(name=f"{name}_sepconv_bn")(x)
 
 
@@ -85,7 +92,9 @@ def build_backbone(cfg: ModelConfig, inputs: Any) -> Any:
     x = layers.Activation("relu", name="block1_conv2_act")(x)
 
     for i, n in enumerate(_ENTRY, start=2):
-        residual = layers.Conv2D(f(n), 1, strides=2, padding="same", use_bias=False, name=f"block{i}_res")(x)
+        residual = layers.Conv2D(
+            f(n), 1, strides=2, padding="same", use_bias=False, name=f"block{i}_res"
+        )(x)
         residual = layers.BatchNormalization(name=f"block{i}_res_bn")(residual)
         if i > 2:
             x = layers.Activation("relu", name=f"block{i}_sepconv1_act")(x)
@@ -103,7 +112,9 @@ def build_backbone(cfg: ModelConfig, inputs: Any) -> Any:
             x = _sep(x, f(728), f"{name}_{j + 1}")
         x = layers.add([x, residual], name=f"{name}_add")
 
-    residual = layers.Conv2D(f(_EXIT[1]), 1, strides=2, padding="same", use_bias=False, name="exit_res")(x)
+    residual = layers.Conv2D(
+        f(_EXIT[1]), 1, strides=2, padding="same", use_bias=False, name="exit_res"
+    )(x)
     residual = layers.BatchNormalization(name="exit_res_bn")(residual)
     x = layers.Activation("relu", name="exit_sepconv1_act")(x)
     x = _sep(x, f(_EXIT[0]), "exit_1")
@@ -131,7 +142,9 @@ def build_model(cfg: ModelConfig | None = None, inference: bool = False) -> kera
     # Xception expects [-1, 1]; the windows give [0, 1].
     x = layers.Rescaling(2.0, offset=-1.0, name="to_unit_range")(inputs)
     pooled = build_backbone(cfg, x)
-    seq = layers.Reshape((cfg.timesteps, cfg.features // cfg.timesteps), name="to_timesteps")(pooled)
+    seq = layers.Reshape((cfg.timesteps, cfg.features // cfg.timesteps), name="to_timesteps")(
+        pooled
+    )
     seq = layers.LSTM(
         cfg.lstm_units,
         dropout=0.0 if inference else cfg.dropout,

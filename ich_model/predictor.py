@@ -82,7 +82,9 @@ class ScoreResult:
         """Slice indices (0-based, feet to head) above the threshold, per label."""
         t = self.model.threshold if threshold is None else threshold
         p = self.probabilities
-        return {lab: [int(k) for k in np.flatnonzero(p[:, i] >= t)] for i, lab in enumerate(self.labels)}
+        return {
+            lab: [int(k) for k in np.flatnonzero(p[:, i] >= t)] for i, lab in enumerate(self.labels)
+        }
 
 
 def _configure_tensorflow() -> Any:

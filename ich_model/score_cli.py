@@ -19,12 +19,17 @@ def _parser() -> argparse.ArgumentParser:
         "Writes predictions.csv (RSNA format), series.csv and summary.json; a run that was "
         "interrupted goes on where it stopped when started again with the same --out.",
     )
-    p.add_argument("paths", nargs="+", help="DICOM files, folders (searched recursively) or DICOMDIRs")
+    p.add_argument(
+        "paths", nargs="+", help="DICOM files, folders (searched recursively) or DICOMDIRs"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--weights", default=None, help="weights file (.weights.h5); default: bundled")
     p.add_argument("--batch-size", type=int, default=8, help="slices per model call (default 8)")
-    p.add_argument("--force", action="store_true",
-                   help="also score series flagged not analyzable (not CT, not axial)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also score series flagged not analyzable (not CT, not axial)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -56,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s"
+    )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
@@ -73,13 +79,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ich-score: {exc}", file=sys.stderr)
         return 2
     if not predictor.identity.trained:
-        print("ich-score: WARNING: untrained weights; the probabilities carry no medical meaning",
-              file=sys.stderr)
+        print(
+            "ich-score: WARNING: untrained weights; the probabilities carry no medical meaning",
+            file=sys.stderr,
+        )
     bar = _Bar(args.quiet)
     stop = threading.Event()
     try:
-        summary = score_folder(args.paths, Path(args.out), predictor, force=args.force,
-                               progress=bar, cancelled=stop.is_set)
+        summary = score_folder(
+            args.paths,
+            Path(args.out),
+            predictor,
+            force=args.force,
+            progress=bar,
+            cancelled=stop.is_set,
+        )
     except KeyboardInterrupt:
         stop.set()
         bar.close()
@@ -87,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     bar.close()
     if not args.quiet:
-        print(f"{summary.scored} of {summary.total_series} series scored "
-              f"({summary.skipped_done} from an earlier run), {summary.failed} failed, "
-              f"{summary.not_analyzable} not analyzable; results in {args.out}")
+        print(
+            f"{summary.scored} of {summary.total_series} series scored "
+            f"({summary.skipped_done} from an earlier run), {summary.failed} failed, "
+            f"{summary.not_analyzable} not analyzable; results in {args.out}"
+        )
         for f in summary.failures:
             print(f"  {f['series_key']}: {f['status']}: {f['error']}")
     return 0 if summary.failed == 0 and summary.not_analyzable == 0 else 1

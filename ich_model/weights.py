@@ -40,7 +40,9 @@ class Manifest:
     weights_file: str  # file name, relative to the manifest's folder
     labels: tuple[str, ...] = LABELS
     windows: tuple[tuple[float, float], ...] = tuple(w.value for w in MODEL_WINDOWS)
-    hu_range: tuple[float, float] | None = None  # HU clipped before windowing (see windowing.model_input)
+    hu_range: tuple[float, float] | None = (
+        None  # HU clipped before windowing (see windowing.model_input)
+    )
     trained: bool = False
     threshold: float = 0.5
     training: dict[str, Any] = field(default_factory=dict)  # data, counts, command line, epochs
@@ -81,7 +83,9 @@ class Manifest:
                 version=int(d.get("version", 1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise WeightsError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+            raise WeightsError(
+                f"{source}: malformed manifest ({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 def sha256_file(path: Path) -> str:

@@ -89,7 +89,13 @@ def ct_series(folder: Path, n: int = 5, spacing: float = 5.0, **kw: object) -> l
     out = []
     for k in range(n):
         out.append(
-            ct_slice(folder / f"s{k:03d}.dcm", series_uid=uid, z=k * spacing, instance=k + 1,
-                     hu=float(k * 10), **kw)  # type: ignore[arg-type]
+            ct_slice(
+                folder / f"s{k:03d}.dcm",
+                series_uid=uid,
+                z=k * spacing,
+                instance=k + 1,
+                hu=float(k * 10),
+                **kw,
+            )  # type: ignore[arg-type]
         )
     return out

@@ -41,8 +41,14 @@ def test_sorts_along_the_normal_of_a_tilted_plane(tmp_path):
     n = slice_normal(o)
     for k, d in enumerate([3, 1, 2, 0]):
         p = n * d * 5.0
-        ct_slice(tmp_path / f"b{k}.dcm", series_uid=uid, z=float(p[2]), xy=(float(p[0]), float(p[1])),
-                 orientation=o, hu=float(d))
+        ct_slice(
+            tmp_path / f"b{k}.dcm",
+            series_uid=uid,
+            z=float(p[2]),
+            xy=(float(p[0]), float(p[1])),
+            orientation=o,
+            hu=float(d),
+        )
     [s] = load_study(tmp_path)
     np.testing.assert_allclose(s.hu[:, 0, 0], [0, 1, 2, 3])
 
@@ -76,8 +82,13 @@ def test_splits_orientations(tmp_path):
     for k in range(3):
         ct_slice(tmp_path / f"ax{k}.dcm", series_uid=uid, z=k * 5.0)
     for k in range(2):
-        ct_slice(tmp_path / f"cor{k}.dcm", series_uid=uid, z=0.0, xy=(0.0, k * 5.0),
-                 orientation=(1, 0, 0, 0, 0, -1))
+        ct_slice(
+            tmp_path / f"cor{k}.dcm",
+            series_uid=uid,
+            z=0.0,
+            xy=(0.0, k * 5.0),
+            orientation=(1, 0, 0, 0, 0, -1),
+        )
     infos = scan(tmp_path)
     assert sorted(i.n_slices for i in infos) == [2, 3]
     coronal = load_series(min(infos, key=lambda i: i.n_slices))
@@ -92,21 +103,41 @@ def test_bad_files_are_left_out_with_reasons(tmp_path):
     trunc = tmp_path / "truncated.dcm"
     trunc.write_bytes(good[0].read_bytes()[:200])
     ct_slice(tmp_path / "nopixels.dcm", series_uid=generate_uid(), with_pixels=False)
-    ct_slice(tmp_path / "sr.dcm", series_uid=generate_uid(), sop_class="1.2.840.10008.5.1.4.1.1.88.33",
-             with_pixels=False, modality="SR")
-    ct_slice(tmp_path / "pr.dcm", series_uid=generate_uid(), sop_class="1.2.840.10008.5.1.4.1.1.11.1",
-             with_pixels=False, modality="PR")
+    ct_slice(
+        tmp_path / "sr.dcm",
+        series_uid=generate_uid(),
+        sop_class="1.2.840.10008.5.1.4.1.1.88.33",
+        with_pixels=False,
+        modality="SR",
+    )
+    ct_slice(
+        tmp_path / "pr.dcm",
+        series_uid=generate_uid(),
+        sop_class="1.2.840.10008.5.1.4.1.1.11.1",
+        with_pixels=False,
+        modality="PR",
+    )
     ds = pydicom.dcmread(good[0])
-    ct_slice(tmp_path / "scout.dcm", series_uid=ds.SeriesInstanceUID, z=500.0,
-             image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    ct_slice(
+        tmp_path / "scout.dcm",
+        series_uid=ds.SeriesInstanceUID,
+        z=500.0,
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+    )
     warns, warn = _warnings()
     series = load_study(tmp_path, warn)
     assert len(series) == 1 and series[0].n_slices == 3
     text = "\n".join(warns)
-    for name, why in [("empty.dcm", "left out"), ("notes.dcm", "not a DICOM"),
-                      ("picture.dcm", "left out"), ("truncated.dcm", "left out"),
-                      ("nopixels.dcm", "no pixel data"), ("sr.dcm", "structured report"),
-                      ("pr.dcm", "presentation state"), ("scout.dcm", "localizer")]:
+    for name, why in [
+        ("empty.dcm", "left out"),
+        ("notes.dcm", "not a DICOM"),
+        ("picture.dcm", "left out"),
+        ("truncated.dcm", "left out"),
+        ("nopixels.dcm", "no pixel data"),
+        ("sr.dcm", "structured report"),
+        ("pr.dcm", "presentation state"),
+        ("scout.dcm", "localizer"),
+    ]:
         assert any(name in w and why in w for w in warns), f"{name}: {why} not in\n{text}"
 
 
@@ -168,8 +199,14 @@ def test_rsna_wrap_fix():
 
 
 def test_rsna_wrap_fix_through_the_loader(tmp_path):
-    ct_slice(tmp_path / "w.dcm", series_uid=generate_uid(), stored=np.full((8, 8), 1040),
-             intercept=0.0, bits_stored=12, pixel_representation=0)
+    ct_slice(
+        tmp_path / "w.dcm",
+        series_uid=generate_uid(),
+        stored=np.full((8, 8), 1040),
+        intercept=0.0,
+        bits_stored=12,
+        pixel_representation=0,
+    )
     [s] = load_study(tmp_path)
     np.testing.assert_allclose(s.hu, 1040.0)
 

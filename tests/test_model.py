@@ -42,7 +42,7 @@ def test_inference_copy_matches_training_build():
 
 
 def test_weights_round_trip_and_manifest(tmp_path, tiny_weights):
-    manifest, path = read_manifest(tiny_weights)
+    manifest, _path = read_manifest(tiny_weights)
     assert manifest.labels == LABELS
     assert manifest.input_size == 64
     assert manifest.trained is False
@@ -75,5 +75,5 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 
 def test_save_weights_requires_keras_suffix(tmp_path):
     cfg = ModelConfig(input_size=64, width=0.25, middle_blocks=1)
-    with pytest.raises(ValueError, match=".weights.h5"):
+    with pytest.raises(ValueError, match=r"\.weights\.h5"):
         save_weights(build_model(cfg), cfg, tmp_path / "m.h5", trained=False)

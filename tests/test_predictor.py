@@ -43,8 +43,9 @@ def test_scores_every_slice_in_batches(predictor):
 
 def test_batch_results_equal_one_call(predictor):
     s = _series(6)
-    np.testing.assert_allclose(predictor.score_series(s).probabilities, predictor.predict_hu(s.hu),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        predictor.score_series(s).probabilities, predictor.predict_hu(s.hu), atol=1e-5
+    )
 
 
 def test_cancel_between_batches(predictor):

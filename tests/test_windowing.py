@@ -24,7 +24,9 @@ def test_apply_window_maps_edges_and_clips():
     out = apply_window(hu, 40, 80)
     np.testing.assert_allclose(out, [0.0, 0.0, 0.5, 1.0, 1.0])
     assert out.dtype == np.float32
-    np.testing.assert_allclose(apply_window(np.array([-500.0, 400.0, 1300.0]), 400, 1800), [0, 0.5, 1])
+    np.testing.assert_allclose(
+        apply_window(np.array([-500.0, 400.0, 1300.0]), 400, 1800), [0, 0.5, 1]
+    )
 
 
 def test_apply_window_rejects_zero_width():
@@ -33,14 +35,18 @@ def test_apply_window_rejects_zero_width():
 
 
 def test_window_to_uint8():
-    np.testing.assert_array_equal(window_to_uint8(np.array([0.0, 40.0, 80.0]), 40, 80), [0, 128, 255])
+    np.testing.assert_array_equal(
+        window_to_uint8(np.array([0.0, 40.0, 80.0]), 40, 80), [0, 128, 255]
+    )
 
 
 def test_model_input_stacks_three_windows_at_size():
     hu = np.full((64, 48), 60.0, dtype=np.float32)
     x = model_input(hu, 32)
     assert x.shape == (32, 32, 3) and x.dtype == np.float32
-    np.testing.assert_allclose(x[0, 0], [apply_window(np.array(60.0), *w.value) for w in MODEL_WINDOWS], rtol=1e-6)
+    np.testing.assert_allclose(
+        x[0, 0], [apply_window(np.array(60.0), *w.value) for w in MODEL_WINDOWS], rtol=1e-6
+    )
 
 
 def test_model_input_hu_range_clips_before_windowing():

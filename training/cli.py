@@ -39,101 +39,176 @@ def _hu_range(text: str | None) -> tuple[float, float] | None:
         return None
     lo, hi = (float(v) for v in text.split(","))
     if hi <= lo:
-        raise argparse.ArgumentTypeError(f"--hu-range must be LOW,HIGH with LOW < HIGH. Received: {text}")
+        raise argparse.ArgumentTypeError(
+            f"--hu-range must be LOW,HIGH with LOW < HIGH. Received: {text}"
+        )
     return lo, hi
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ich-train",
-        description="Train and evaluate the ICH Xception-LSTM (a second opinion, not for diagnostic use).",
+        description="Train and evaluate the ICH Xception-LSTM "
+        "(a second opinion, not for diagnostic use).",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fit", help="train a model (or resume a run)",
-                       description="Train the Xception-LSTM on one or more labelled datasets. "
-                                   "Checkpoints every epoch in --out; --resume continues a run.")
+    f = sub.add_parser(
+        "fit",
+        help="train a model (or resume a run)",
+        description="Train the Xception-LSTM on one or more labelled datasets. "
+        "Checkpoints every epoch in --out; --resume continues a run.",
+    )
     f.add_argument("data", nargs="*", help="dataset folders (several can be mixed)")
-    f.add_argument("--format", action="append", choices=["rsna-dcm", "rsna-png", "ctich-jpg", "phantom"],
-                   help=FORMAT_HELP)
+    f.add_argument(
+        "--format",
+        action="append",
+        choices=["rsna-dcm", "rsna-png", "ctich-jpg", "phantom"],
+        help=FORMAT_HELP,
+    )
     f.add_argument("--out", required=True, help="run folder: checkpoints, logs, exported weights")
-    f.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (data and settings "
-                        "come from its config.json; --epochs, --patience, --max-minutes may change)")
+    f.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (data and settings "
+        "come from its config.json; --epochs, --patience, --max-minutes may change)",
+    )
     f.add_argument("--epochs", type=int, default=30, help="total epochs (default 30)")
-    f.add_argument("--steps-per-epoch", type=int, default=None,
-                   help="batches per epoch (default: training slices / batch size)")
+    f.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="batches per epoch (default: training slices / batch size)",
+    )
     f.add_argument("--batch-size", type=int, default=32, help="batch size (paper: 32)")
-    f.add_argument("--learning-rate", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
+    f.add_argument(
+        "--learning-rate", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)"
+    )
     f.add_argument("--input-size", type=int, default=299, help="input side in pixels (paper: 299)")
-    f.add_argument("--width", type=float, default=1.0,
-                   help="Xception filter multiplier (1.0 = the paper's network; 0.5 halves every layer)")
-    f.add_argument("--middle-blocks", type=int, default=8, help="Xception middle-flow blocks (paper: 8)")
-    f.add_argument("--hu-range", type=_hu_range, default=None,
-                   help="LOW,HIGH: clip HU to this range before windowing, at training and (recorded "
-                        "in the manifest) at inference; use the range 8-bit pictures carry, e.g. 0,80 "
-                        "for brain-window pictures. Default: none (full HU from DICOM)")
-    f.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of each dataset's patients (or studies) held out for validation")
-    f.add_argument("--seed", type=int, default=0, help="seed for the split, sampling and initialisation")
-    f.add_argument("--patience", type=int, default=5,
-                   help="early stopping: epochs without a better validation weighted log loss")
-    f.add_argument("--positive-fraction", type=float, default=0.4,
-                   help="share of each batch drawn from slices with a bleed (class balancing)")
-    f.add_argument("--rare-power", type=float, default=0.5,
-                   help="subtype groups are sampled in proportion to count**POWER (0: equally, "
-                        "which oversamples the rarest, epidural above all)")
+    f.add_argument(
+        "--width",
+        type=float,
+        default=1.0,
+        help="Xception filter multiplier (1.0 = the paper's network; 0.5 halves every layer)",
+    )
+    f.add_argument(
+        "--middle-blocks", type=int, default=8, help="Xception middle-flow blocks (paper: 8)"
+    )
+    f.add_argument(
+        "--hu-range",
+        type=_hu_range,
+        default=None,
+        help="LOW,HIGH: clip HU to this range before windowing, at training and (recorded "
+        "in the manifest) at inference; use the range 8-bit pictures carry, e.g. 0,80 "
+        "for brain-window pictures. Default: none (full HU from DICOM)",
+    )
+    f.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of each dataset's patients (or studies) held out for validation",
+    )
+    f.add_argument(
+        "--seed", type=int, default=0, help="seed for the split, sampling and initialisation"
+    )
+    f.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="early stopping: epochs without a better validation weighted log loss",
+    )
+    f.add_argument(
+        "--positive-fraction",
+        type=float,
+        default=0.4,
+        help="share of each batch drawn from slices with a bleed (class balancing)",
+    )
+    f.add_argument(
+        "--rare-power",
+        type=float,
+        default=0.5,
+        help="subtype groups are sampled in proportion to count**POWER (0: equally, "
+        "which oversamples the rarest, epidural above all)",
+    )
     f.add_argument("--rotation", type=float, default=10.0, help="random rotation, +- degrees")
     f.add_argument("--zoom", type=float, default=0.1, help="random rescale, +- fraction")
     f.add_argument("--no-flip", action="store_true", help="no random left-right flips")
-    f.add_argument("--max-minutes", type=float, default=None,
-                   help="stop cleanly after the epoch that passes this wall-clock budget")
-    f.add_argument("--install", action="store_true",
-                   help="make the exported weights the bundled model in resources/weights")
+    f.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop cleanly after the epoch that passes this wall-clock budget",
+    )
+    f.add_argument(
+        "--install",
+        action="store_true",
+        help="make the exported weights the bundled model in resources/weights",
+    )
 
-    e = sub.add_parser("evaluate", help="score weights on labelled data",
-                       description="Weighted log loss (RSNA 2019), per-label ROC AUC, sensitivity "
-                                   "and specificity at the manifest's threshold, calibration table.")
+    e = sub.add_parser(
+        "evaluate",
+        help="score weights on labelled data",
+        description="Weighted log loss (RSNA 2019), per-label ROC AUC, sensitivity "
+        "and specificity at the manifest's threshold, calibration table.",
+    )
     e.add_argument("data", nargs="+", help="dataset folders")
     e.add_argument("--weights", default=None, help="weights file (.weights.h5); default: bundled")
-    e.add_argument("--format", action="append", choices=["rsna-dcm", "rsna-png", "ctich-jpg", "phantom"],
-                   help=FORMAT_HELP)
+    e.add_argument(
+        "--format",
+        action="append",
+        choices=["rsna-dcm", "rsna-png", "ctich-jpg", "phantom"],
+        help=FORMAT_HELP,
+    )
     e.add_argument("--json", default=None, help="also write the results as JSON to this file")
     e.add_argument("--batch-size", type=int, default=16, help="inference batch size")
 
-    m = sub.add_parser("make-phantoms", help="write synthetic labelled head-CT studies",
-                       description="Write phantom CT DICOM studies of every hemorrhage subtype "
-                                   "and labels.csv (RSNA long format).")
+    m = sub.add_parser(
+        "make-phantoms",
+        help="write synthetic labelled head-CT studies",
+        description="Write phantom CT DICOM studies of every hemorrhage subtype "
+        "and labels.csv (RSNA long format).",
+    )
     m.add_argument("out", help="output folder")
     m.add_argument("--studies", type=int, default=12, help="number of studies (default 12)")
     m.add_argument("--slices", type=int, default=40, help="slices per study (default 40)")
     m.add_argument("--matrix", type=int, default=512, help="rows = columns (default 512)")
     m.add_argument("--seed", type=int, default=0, help="seed (same seed, same studies and UIDs)")
 
-    i = sub.add_parser("install", help="make given weights the bundled model",
-                       description="Verify a weights file against its manifest and copy both "
-                                   "into resources/weights as the bundled model.")
+    i = sub.add_parser(
+        "install",
+        help="make given weights the bundled model",
+        description="Verify a weights file against its manifest and copy both "
+        "into resources/weights as the bundled model.",
+    )
     i.add_argument("weights", help="weights file (.weights.h5) with its manifest beside it")
     return p
 
 
 def _print_metrics(m: dict[str, Any]) -> None:
     print(f"images: {m['n_images']}   weighted log loss: {m['weighted_log_loss']:.4f}")
-    print(f"{'label':18s} {'pos':>5s} {'AUC':>7s} {'sens':>7s} {'spec':>7s}   (threshold {m['threshold']:.2f})")
+    print(
+        f"{'label':18s} {'pos':>5s} {'AUC':>7s} {'sens':>7s} {'spec':>7s}   "
+        f"(threshold {m['threshold']:.2f})"
+    )
     for lab in LABELS:
         auc = m["auc"][lab]
         sens = m["sensitivity"][lab]
         spec = m["specificity"][lab]
 
         def f(v: float) -> str:
-            return "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:7.3f}"
+            return (
+                "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:7.3f}"
+            )
 
         print(f"{lab:18s} {m['positives'][lab]:5d} {f(auc)} {f(sens)} {f(spec)}")
     if "calibration" in m:
         print("calibration of 'any' (bin: n, mean predicted, observed):")
         for b in m["calibration"]:
             if b["n"]:
-                print(f"  {b['low']:.1f}-{b['high']:.1f}: {b['n']:5d} {b['mean_predicted']:.3f} {b['observed']:.3f}")
+                print(
+                    f"  {b['low']:.1f}-{b['high']:.1f}: {b['n']:5d} "
+                    f"{b['mean_predicted']:.3f} {b['observed']:.3f}"
+                )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -196,12 +271,25 @@ def _fit(args: argparse.Namespace, argv: list[str]) -> int:
         data=[str(Path(d).resolve()) for d in args.data],
         formats=_formats(args),
         out=args.out,
-        model={"input_size": args.input_size, "width": args.width,
-               "middle_blocks": args.middle_blocks, "timesteps": 32, "lstm_units": 64,
-               "dropout": 0.3, "recurrent_dropout": 0.2, "n_labels": 6, "name": "xception_lstm"},
-        pipeline={"batch_size": args.batch_size, "positive_fraction": args.positive_fraction,
-                  "rare_power": args.rare_power, "rotation_deg": args.rotation,
-                  "zoom": args.zoom, "flip": not args.no_flip},
+        model={
+            "input_size": args.input_size,
+            "width": args.width,
+            "middle_blocks": args.middle_blocks,
+            "timesteps": 32,
+            "lstm_units": 64,
+            "dropout": 0.3,
+            "recurrent_dropout": 0.2,
+            "n_labels": 6,
+            "name": "xception_lstm",
+        },
+        pipeline={
+            "batch_size": args.batch_size,
+            "positive_fraction": args.positive_fraction,
+            "rare_power": args.rare_power,
+            "rotation_deg": args.rotation,
+            "zoom": args.zoom,
+            "flip": not args.no_flip,
+        },
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
         learning_rate=args.learning_rate,
@@ -233,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-phantoms":
         from ich_model.phantom import make_phantom_dataset
 
-        series = make_phantom_dataset(Path(args.out), args.studies, n_slices=args.slices,
-                                      matrix=args.matrix, seed=args.seed)
+        series = make_phantom_dataset(
+            Path(args.out), args.studies, n_slices=args.slices, matrix=args.matrix, seed=args.seed
+        )
         print(f"wrote {len(series)} phantom studies and labels.csv to {args.out}")
         return 0
     if args.command == "install":

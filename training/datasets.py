@@ -81,7 +81,9 @@ def _labels01(row: dict[str, str], names: Sequence[str], where: str) -> tuple[in
 def _check_columns(path: Path, header: Sequence[str] | None, needed: Sequence[str]) -> None:
     missing = [c for c in needed if c not in (header or [])]
     if missing:
-        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; found {list(header or [])}")
+        raise DatasetError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {list(header or [])}"
+        )
 
 
 def detect_format(folder: Path) -> str:
@@ -122,8 +124,13 @@ def read_dataset(folder: Path | str, fmt: str | None = None) -> list[Sample]:
     samples = readers[fmt](folder)
     if not samples:
         raise DatasetError(f"{folder}: the {fmt} dataset is empty")
-    log.info("%s: %d slices (%s), %d positive", folder, len(samples), fmt,
-             sum(s.labels[-1] for s in samples))
+    log.info(
+        "%s: %d slices (%s), %d positive",
+        folder,
+        len(samples),
+        fmt,
+        sum(s.labels[-1] for s in samples),
+    )
     return samples
 
 
@@ -154,7 +161,9 @@ def _dicom_group(path: Path) -> str:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"]
+        )
     except Exception as exc:
         raise DatasetError(f"{path}: cannot read DICOM header ({exc})") from exc
     return str(ds.get("PatientID") or ds.get("StudyInstanceUID") or path.stem)
@@ -166,14 +175,29 @@ def read_rsna_dcm(folder: Path) -> list[Sample]:
     samples = []
     if csvs:
         table = _long_labels(csvs[0])
-        img_dirs = [d for d in (folder / "stage_2_train", folder / "stage_2_train_images",
-                                folder / "images", folder) if d.is_dir()]
+        img_dirs = [
+            d
+            for d in (
+                folder / "stage_2_train",
+                folder / "stage_2_train_images",
+                folder / "images",
+                folder,
+            )
+            if d.is_dir()
+        ]
         for key, labs in table.items():
             path = next((d / f"{key}.dcm" for d in img_dirs if (d / f"{key}.dcm").is_file()), None)
             if path is None:
                 raise DatasetError(f"{csvs[0]}: {key} is listed but {key}.dcm is missing")
-            samples.append(Sample(path, "dicom", tuple(labs[lab] for lab in LABELS),
-                                  _dicom_group(path), "rsna-dcm"))
+            samples.append(
+                Sample(
+                    path,
+                    "dicom",
+                    tuple(labs[lab] for lab in LABELS),
+                    _dicom_group(path),
+                    "rsna-dcm",
+                )
+            )
         return samples
     labels = folder / "labels.csv"
     with open(labels, newline="", encoding="utf-8") as f:
@@ -183,8 +207,15 @@ def read_rsna_dcm(folder: Path) -> list[Sample]:
             path = folder / row["file"]
             if not path.is_file():
                 raise DatasetError(f"{labels}:{i}: {row['file']} is listed but missing")
-            samples.append(Sample(path, "dicom", _labels01(row, LABELS, f"{labels}:{i}"),
-                                  _dicom_group(path), "rsna-dcm"))
+            samples.append(
+                Sample(
+                    path,
+                    "dicom",
+                    _labels01(row, LABELS, f"{labels}:{i}"),
+                    _dicom_group(path),
+                    "rsna-dcm",
+                )
+            )
     return samples
 
 
@@ -199,13 +230,30 @@ def read_rsna_png(folder: Path) -> list[Sample]:
         _check_columns(labels, reader.fieldnames, ["ID", *LABELS])
         for i, row in enumerate(reader, start=2):
             key = row["ID"].strip()
-            path = next((img_dir / f"{key}{ext}" for ext in (".png", ".jpg", ".jpeg")
-                         if (img_dir / f"{key}{ext}").is_file()), None)
+            path = next(
+                (
+                    img_dir / f"{key}{ext}"
+                    for ext in (".png", ".jpg", ".jpeg")
+                    if (img_dir / f"{key}{ext}").is_file()
+                ),
+                None,
+            )
             if path is None:
-                raise DatasetError(f"{labels}:{i}: {key} is listed but {img_dir}/{key}.png is missing")
+                raise DatasetError(
+                    f"{labels}:{i}: {key} is listed but {img_dir}/{key}.png is missing"
+                )
             # A random sample of slices without patient IDs: each slice is its own group.
-            samples.append(Sample(path, "picture", _labels01(row, LABELS, f"{labels}:{i}"),
-                                  f"rsna:{key}", "rsna-png", lo, hi))
+            samples.append(
+                Sample(
+                    path,
+                    "picture",
+                    _labels01(row, LABELS, f"{labels}:{i}"),
+                    f"rsna:{key}",
+                    "rsna-png",
+                    lo,
+                    hi,
+                )
+            )
     return samples
 
 
@@ -225,8 +273,9 @@ def read_ctich(folder: Path) -> list[Sample]:
     samples = []
     with open(table, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        _check_columns(table, reader.fieldnames,
-                       ["PatientNumber", "SliceNumber", *_CTICH_COLUMNS.values()])
+        _check_columns(
+            table, reader.fieldnames, ["PatientNumber", "SliceNumber", *_CTICH_COLUMNS.values()]
+        )
         for i, row in enumerate(reader, start=2):
             try:
                 pat, sl = int(row["PatientNumber"]), int(row["SliceNumber"])
@@ -235,9 +284,12 @@ def read_ctich(folder: Path) -> list[Sample]:
             path = folder / "brain" / f"{pat:03d}_{sl:02d}.jpg"
             if not path.is_file():
                 raise DatasetError(f"{table}:{i}: {path} is listed but missing")
-            sub = _labels01({k: row[v] for k, v in _CTICH_COLUMNS.items()}, LABELS[:5], f"{table}:{i}")
-            samples.append(Sample(path, "picture", (*sub, int(any(sub))), f"ctich:{pat}",
-                                  "ctich-jpg", lo, hi))
+            sub = _labels01(
+                {k: row[v] for k, v in _CTICH_COLUMNS.items()}, LABELS[:5], f"{table}:{i}"
+            )
+            samples.append(
+                Sample(path, "picture", (*sub, int(any(sub))), f"ctich:{pat}", "ctich-jpg", lo, hi)
+            )
     return samples
 
 
@@ -249,19 +301,29 @@ def read_phantom(folder: Path) -> list[Sample]:
     samples = []
     for f in sorted(folder.rglob("*.dcm")):
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True,
-                                 specific_tags=["SOPInstanceUID", "PatientID"])
+            ds = pydicom.dcmread(
+                f, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "PatientID"]
+            )
         except Exception as exc:
             raise DatasetError(f"{f}: cannot read DICOM header ({exc})") from exc
         key = f"ID_{ds.SOPInstanceUID}"
         if key not in table:
             continue
         labs = table.pop(key)
-        samples.append(Sample(f, "dicom", tuple(labs[lab] for lab in LABELS),
-                              f"phantom:{ds.get('PatientID', f.parent.name)}", "phantom"))
+        samples.append(
+            Sample(
+                f,
+                "dicom",
+                tuple(labs[lab] for lab in LABELS),
+                f"phantom:{ds.get('PatientID', f.parent.name)}",
+                "phantom",
+            )
+        )
     if table:
         first = next(iter(table))
-        raise DatasetError(f"{folder / 'labels.csv'}: {len(table)} listed slice(s) missing, e.g. {first}")
+        raise DatasetError(
+            f"{folder / 'labels.csv'}: {len(table)} listed slice(s) missing, e.g. {first}"
+        )
     return samples
 
 

@@ -87,19 +87,22 @@ def _strategy() -> tf.distribute.Strategy:
 def _is_chief() -> bool:
     cfg = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
     task = cfg.get("task", {})
-    return task.get("type", "worker") in ("chief",) or (
-        task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0
-    ) or not cfg
+    return (
+        task.get("type", "worker") in ("chief",)
+        or (task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0)
+        or not cfg
+    )
 
 
 def evaluate_arrays(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
     """Every metric we report, on one set of labels and predictions."""
-    sens_spec = {lab: sensitivity_specificity(y[:, i], p[:, i], threshold)
-                 for i, lab in enumerate(LABELS)}
+    sens_spec = {
+        lab: sensitivity_specificity(y[:, i], p[:, i], threshold) for i, lab in enumerate(LABELS)
+    }
     return {
         "weighted_log_loss": weighted_log_loss(y, p),
         "auc": per_label_auc(y, p),
-        "n_images": int(len(y)),
+        "n_images": len(y),
         "threshold": threshold,
         "sensitivity": {k: v[0] for k, v in sens_spec.items()},
         "specificity": {k: v[1] for k, v in sens_spec.items()},
@@ -128,8 +131,15 @@ class _Progress(keras.callbacks.Callback):
 class _ValidateAndCheckpoint(keras.callbacks.Callback):
     """After each epoch: validate with the challenge metric, checkpoint, early-stop, time-limit."""
 
-    def __init__(self, run: Path, cfg: RunConfig, xv: np.ndarray, yv: np.ndarray,
-                 state: dict[str, Any], deadline: float | None) -> None:
+    def __init__(
+        self,
+        run: Path,
+        cfg: RunConfig,
+        xv: np.ndarray,
+        yv: np.ndarray,
+        state: dict[str, Any],
+        deadline: float | None,
+    ) -> None:
         super().__init__()
         self.run, self.cfg, self.xv, self.yv = run, cfg, xv, yv
         self.state = state
@@ -142,8 +152,11 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = dict(logs or {})
-        row: dict[str, Any] = {"epoch": epoch + 1, "loss": logs.get("loss"),
-                               "seconds": round(time.time() - self.epoch_start, 1)}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": logs.get("loss"),
+            "seconds": round(time.time() - self.epoch_start, 1),
+        }
         if len(self.yv):
             p = self.model.predict(eval_dataset(self.xv, 64), verbose=0)
             m = evaluate_arrays(self.yv, p)
@@ -172,14 +185,19 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
             tmp.replace(self.run / "last.keras")
             (self.run / "state.json").write_text(json.dumps(self.state, indent=2), encoding="utf-8")
         auc_any = row.get("val_auc_any")
-        print(f"epoch {epoch + 1}: loss {row['loss']:.4f}, val wLL {score:.4f}"
-              + (f", val AUC(any) {auc_any:.3f}" if auc_any is not None else "")
-              + f", best {self.state['best']:.4f} (epoch {self.state['best_epoch']})", flush=True)
+        print(
+            f"epoch {epoch + 1}: loss {row['loss']:.4f}, val wLL {score:.4f}"
+            + (f", val AUC(any) {auc_any:.3f}" if auc_any is not None else "")
+            + f", best {self.state['best']:.4f} (epoch {self.state['best_epoch']})",
+            flush=True,
+        )
         if self.state["wait"] >= self.cfg.patience:
             print(f"early stop: no improvement for {self.cfg.patience} epochs", flush=True)
             self.model.stop_training = True
         if self.deadline is not None and time.time() > self.deadline:
-            print("time limit reached: stopping after this epoch (resume with --resume)", flush=True)
+            print(
+                "time limit reached: stopping after this epoch (resume with --resume)", flush=True
+            )
             self.model.stop_training = True
 
     def _append_csv(self, row: dict[str, Any]) -> None:
@@ -219,19 +237,37 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
 
     keras.utils.set_random_seed(cfg.seed + state["epoch"])
     mcfg = ModelConfig.from_dict(cfg.model)
-    pcfg = PipelineConfig(**{**cfg.pipeline, "input_size": mcfg.input_size,
-                             "hu_range": cfg.hu_range, "seed": cfg.seed + state["epoch"]})
+    pcfg = PipelineConfig(
+        **{
+            **cfg.pipeline,
+            "input_size": mcfg.input_size,
+            "hu_range": cfg.hu_range,
+            "seed": cfg.seed + state["epoch"],
+        }
+    )
     train_s, val_s = _load_samples(cfg)
-    print(f"data: {len(train_s)} training and {len(val_s)} validation slices; "
-          f"groups on both sides: {len({s.group for s in train_s} & {s.group for s in val_s})}",
-          flush=True)
+    print(
+        f"data: {len(train_s)} training and {len(val_s)} validation slices; "
+        f"groups on both sides: {len({s.group for s in train_s} & {s.group for s in val_s})}",
+        flush=True,
+    )
     t0 = time.time()
     xt, yt = decode_inputs(train_s, pcfg)
     xv, yv = decode_inputs(val_s, pcfg) if val_s else (np.zeros((0,)), np.zeros((0, 6)))
-    print(f"decoded and windowed {len(xt) + len(xv)} slices in {time.time() - t0:.0f} s", flush=True)
-    (run / "data.json").write_text(json.dumps(
-        {"train": describe(train_s), "validation": describe(val_s),
-         "validation_groups": sorted({s.group for s in val_s})}, indent=2), encoding="utf-8")
+    print(
+        f"decoded and windowed {len(xt) + len(xv)} slices in {time.time() - t0:.0f} s", flush=True
+    )
+    (run / "data.json").write_text(
+        json.dumps(
+            {
+                "train": describe(train_s),
+                "validation": describe(val_s),
+                "validation_groups": sorted({s.group for s in val_s}),
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
 
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
@@ -252,17 +288,27 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
             epochs=cfg.epochs,
             initial_epoch=state["epoch"],
             steps_per_epoch=steps,
+            shuffle=False,  # the dataset shuffles and balances itself
             verbose=2 if not sys.stdout.isatty() else 1,
-            callbacks=[_ValidateAndCheckpoint(run, cfg, xv, yv, state, deadline),
-                       _Progress(cfg.epochs)],
+            callbacks=[
+                _ValidateAndCheckpoint(run, cfg, xv, yv, state, deadline),
+                _Progress(cfg.epochs),
+            ],
         )
     if _is_chief():
         export(run, cfg, model, xv, yv, val_s, train_s)
     return run
 
 
-def export(run: Path, cfg: RunConfig, model: keras.Model, xv: np.ndarray, yv: np.ndarray,
-           val_s: Sequence[Sample], train_s: Sequence[Sample]) -> Path:
+def export(
+    run: Path,
+    cfg: RunConfig,
+    model: keras.Model,
+    xv: np.ndarray,
+    yv: np.ndarray,
+    val_s: Sequence[Sample],
+    train_s: Sequence[Sample],
+) -> Path:
     """Write the best weights with a manifest holding the held-out metrics."""
     mcfg = ModelConfig.from_dict(cfg.model)
     if (run / "best.weights.h5").is_file():
@@ -271,22 +317,42 @@ def export(run: Path, cfg: RunConfig, model: keras.Model, xv: np.ndarray, yv: np
     if len(yv):
         p = model.predict(eval_dataset(xv, 64), verbose=0)
         metrics = evaluate_arrays(yv, p)
-        metrics["dataset"] = "held-out validation split (" + ", ".join(sorted({s.source for s in val_s})) + ")"
-        np.savez_compressed(run / "validation_predictions.npz", y=yv, p=p,
-                            paths=np.asarray([str(s.path) for s in val_s]))
+        metrics["dataset"] = (
+            "held-out validation split (" + ", ".join(sorted({s.source for s in val_s})) + ")"
+        )
+        np.savez_compressed(
+            run / "validation_predictions.npz",
+            y=yv,
+            p=p,
+            paths=np.asarray([str(s.path) for s in val_s]),
+        )
     inference = build_model(mcfg, inference=True)
     inference.set_weights(model.get_weights())
     counts = describe(train_s)
-    data_summary = "; ".join(f"{k}: {v['slices']} slices, {v['any']} with ICH"
-                             for k, v in counts.items())
+    data_summary = "; ".join(
+        f"{k}: {v['slices']} slices, {v['any']} with ICH" for k, v in counts.items()
+    )
     state = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else {}
     path = save_weights(
-        inference, mcfg, run / EXPORT_NAME, trained=True, hu_range=cfg.hu_range,
-        training={"data": cfg.data, "formats": cfg.formats, "data_summary": data_summary,
-                  "train_counts": counts, "validation_counts": describe(val_s),
-                  "epochs_run": state.get("epoch"), "best_epoch": state.get("best_epoch"),
-                  "learning_rate": cfg.learning_rate, "pipeline": cfg.pipeline,
-                  "val_fraction": cfg.val_fraction, "seed": cfg.seed, "command": cfg.command},
+        inference,
+        mcfg,
+        run / EXPORT_NAME,
+        trained=True,
+        hu_range=cfg.hu_range,
+        training={
+            "data": cfg.data,
+            "formats": cfg.formats,
+            "data_summary": data_summary,
+            "train_counts": counts,
+            "validation_counts": describe(val_s),
+            "epochs_run": state.get("epoch"),
+            "best_epoch": state.get("best_epoch"),
+            "learning_rate": cfg.learning_rate,
+            "pipeline": cfg.pipeline,
+            "val_fraction": cfg.val_fraction,
+            "seed": cfg.seed,
+            "command": cfg.command,
+        },
         metrics=metrics,
     )
     print(f"exported {run / EXPORT_NAME} with {path.name}", flush=True)

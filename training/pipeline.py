@@ -106,11 +106,17 @@ def augmenter(cfg: PipelineConfig) -> tf.keras.Sequential:
     if cfg.flip:
         steps.append(keras.layers.RandomFlip("horizontal", seed=cfg.seed))
     if cfg.rotation_deg > 0:
-        steps.append(keras.layers.RandomRotation(cfg.rotation_deg / 360.0, fill_mode="constant",
-                                                 fill_value=0.0, seed=cfg.seed + 1))
+        steps.append(
+            keras.layers.RandomRotation(
+                cfg.rotation_deg / 360.0, fill_mode="constant", fill_value=0.0, seed=cfg.seed + 1
+            )
+        )
     if cfg.zoom > 0:
-        steps.append(keras.layers.RandomZoom((-cfg.zoom, cfg.zoom), fill_mode="constant",
-                                             fill_value=0.0, seed=cfg.seed + 2))
+        steps.append(
+            keras.layers.RandomZoom(
+                (-cfg.zoom, cfg.zoom), fill_mode="constant", fill_value=0.0, seed=cfg.seed + 2
+            )
+        )
     return keras.Sequential(steps, name="augment")
 
 
@@ -118,25 +124,38 @@ def train_dataset(x: np.ndarray, y: np.ndarray, cfg: PipelineConfig) -> tf.data.
     """Endless balanced, augmented batches from the cached inputs."""
     groups, sizes, names = balance_groups(y)
     weights = group_weights(sizes, names, cfg)
-    log.info("training groups: %s", ", ".join(f"{n} {int(s)} (p={w:.3f})"
-                                              for n, s, w in zip(names, sizes, weights, strict=True)))
+    log.info(
+        "training groups: %s",
+        ", ".join(
+            f"{n} {int(s)} (p={w:.3f})" for n, s, w in zip(names, sizes, weights, strict=True)
+        ),
+    )
     xt = tf.constant(x)
     yt = tf.constant(y)
     streams = [
-        tf.data.Dataset.from_tensor_slices(g).shuffle(len(g), seed=cfg.seed + k,
-                                                       reshuffle_each_iteration=True).repeat()
+        tf.data.Dataset.from_tensor_slices(g)
+        .shuffle(len(g), seed=cfg.seed + k, reshuffle_each_iteration=True)
+        .repeat()
         for k, g in enumerate(groups)
     ]
     aug = augmenter(cfg)
     ds = tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=cfg.seed)
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
-    ds = ds.map(lambda i: (tf.cast(tf.gather(xt, i), tf.float32), tf.gather(yt, i)),
-                num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(lambda a, b: (tf.clip_by_value(aug(a, training=True), 0.0, 1.0), b),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+        lambda i: (tf.cast(tf.gather(xt, i), tf.float32), tf.gather(yt, i)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    ds = ds.map(
+        lambda a, b: (tf.clip_by_value(aug(a, training=True), 0.0, 1.0), b),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(x: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    return (tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
-            .map(lambda a: tf.cast(a, tf.float32)).prefetch(tf.data.AUTOTUNE))
+    return (
+        tf.data.Dataset.from_tensor_slices(x)
+        .batch(batch_size)
+        .map(lambda a: tf.cast(a, tf.float32))
+        .prefetch(tf.data.AUTOTUNE)
+    )

@@ -1,0 +1,203 @@
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.dicomfactory import SHARED_DATA
+from training.cli import main as train_main
+from training.datasets import DatasetError, read_dataset, split_by_group
+
+TINY_ARGS = [
+    "--input-size",
+    "64",
+    "--width",
+    "0.25",
+    "--middle-blocks",
+    "1",
+    "--batch-size",
+    "4",
+    "--steps-per-epoch",
+    "2",
+    "--val-fraction",
+    "0.34",
+    "--hu-range",
+    "0,80",
+]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantoms")
+    assert (
+        train_main(
+            [
+                "make-phantoms",
+                str(out),
+                "--studies",
+                "6",
+                "--slices",
+                "6",
+                "--matrix",
+                "96",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+@pytest.mark.parametrize("sub", ["fit", "evaluate", "make-phantoms", "install"])
+def test_every_subcommand_explains_itself(sub, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_main([sub, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: ich-train" in text
+    if sub == "fit":
+        for opt in (
+            "--resume",
+            "--hu-range",
+            "--val-fraction",
+            "--learning-rate",
+            "--width",
+            "--positive-fraction",
+            "--max-minutes",
+            "--install",
+        ):
+            assert opt in text
+
+
+def test_phantom_dataset_reads_and_splits_by_patient(phantoms):
+    samples = read_dataset(phantoms)
+    assert len(samples) == 36 and {s.source for s in samples} == {"phantom"}
+    train, val = split_by_group(samples, 0.34, 0)
+    assert train and val
+    assert not {s.group for s in train} & {s.group for s in val}
+
+
+@pytest.mark.slow
+def test_fit_evaluate_resume_and_predict(phantoms, tmp_path):
+    run = tmp_path / "run"
+    assert train_main(["fit", str(phantoms), "--out", str(run), "--epochs", "1", *TINY_ARGS]) == 0
+    for name in (
+        "config.json",
+        "last.keras",
+        "best.weights.h5",
+        "log.csv",
+        "state.json",
+        "ich_xception_lstm.weights.h5",
+        "ich_xception_lstm.manifest.json",
+    ):
+        assert (run / name).is_file(), name
+    assert (run / "tensorboard").is_dir()
+    manifest = json.loads((run / "ich_xception_lstm.manifest.json").read_text())
+    assert manifest["trained"] is True
+    assert manifest["hu_range"] == [0.0, 80.0]
+    assert manifest["architecture"]["input_size"] == 64
+    assert "weighted_log_loss" in manifest["metrics"]
+
+    assert train_main(["fit", "--resume", "--out", str(run), "--epochs", "2"]) == 0
+    rows = list(csv.DictReader((run / "log.csv").read_text().splitlines()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert json.loads((run / "state.json").read_text())["epoch"] == 2
+
+    out = tmp_path / "eval.json"
+    weights = run / "ich_xception_lstm.weights.h5"
+    assert (
+        train_main(["evaluate", str(phantoms), "--weights", str(weights), "--json", str(out)]) == 0
+    )
+    result = json.loads(out.read_text())
+    assert {"weighted_log_loss", "auc", "n_images"} <= set(result)
+    assert result["n_images"] == 36
+    assert set(result["auc"]) == {
+        "epidural",
+        "intraparenchymal",
+        "intraventricular",
+        "subarachnoid",
+        "subdural",
+        "any",
+    }
+
+    from ich_model.dicom_io import load_study
+    from ich_model.predictor import Predictor
+
+    series = load_study(phantoms)
+    r = Predictor(weights).score_series(series[0])
+    assert r.probabilities.shape == (6, 6) and r.model.trained
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_clear_messages_for_bad_datasets(tmp_path):
+    header = "ID,epidural,intraparenchymal,intraventricular,subarachnoid,subdural,any\n"
+    d = tmp_path / "a"
+    _write(d / "labels.csv", header.replace("subdural,", "") + "ID_1,0,0,0,0,0\n")
+    with pytest.raises(DatasetError, match="missing column"):
+        read_dataset(d, "rsna-png")
+    d = tmp_path / "b"
+    _write(d / "labels.csv", header + "ID_1,0,0,0,0,0,0\n")
+    (d / "images").mkdir()
+    with pytest.raises(DatasetError, match="ID_1 is listed but"):
+        read_dataset(d, "rsna-png")
+    d = tmp_path / "c"
+    _write(d / "labels.csv", header + "ID_1,0,0,2,0,0,0\n")
+    import cv2
+
+    (d / "images").mkdir()
+    cv2.imwrite(str(d / "images" / "ID_1.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match="expected 0 or 1"):
+        read_dataset(d, "rsna-png")
+    d = tmp_path / "d"
+    _write(d / "labels.csv", header)
+    with pytest.raises(DatasetError, match="empty"):
+        read_dataset(d, "rsna-png")
+    assert (
+        train_main(["evaluate", str(d), "--format", "rsna-png", "--weights", "x.weights.h5"]) == 2
+    )
+
+
+def test_unknown_layout_says_what_it_expected(tmp_path):
+    with pytest.raises(DatasetError, match="--format"):
+        read_dataset(tmp_path)
+
+
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+
+
+@needs_data
+@pytest.mark.realdata
+def test_real_datasets_are_recognised_and_split_by_patient():
+    png = read_dataset(SHARED_DATA / "rsna-png")
+    jpg = read_dataset(SHARED_DATA / "ctich-jpg")
+    assert len(png) == 2500 and sum(s.labels[-1] for s in png) == 377
+    assert len(jpg) == 1893 and sum(s.labels[-1] for s in jpg) == 217
+    assert len({s.group for s in jpg}) == 62
+    train, val = split_by_group(png + jpg, 0.2, 0)
+    assert not {s.group for s in train} & {s.group for s in val}
+    assert {s.source for s in val} == {"rsna-png", "ctich-jpg"}
+
+
+@needs_data
+@pytest.mark.realdata
+def test_picture_to_hu_mapping_matches_dicom_statistics():
+    """Brain parenchyma lands near 30-40 HU in both 8-bit sets, as in the real DICOMs."""
+    from training.datasets import decode_hu
+
+    for folder in ("rsna-png", "ctich-jpg"):
+        samples = read_dataset(SHARED_DATA / folder)[:60]
+        medians = []
+        for s in samples:
+            hu = decode_hu(s)
+            h, w = hu.shape
+            c = hu[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3]
+            c = c[(c > 10) & (c < 70)]
+            if c.size > 100:
+                medians.append(np.median(c))
+        assert 28 < float(np.median(medians)) < 42, folder
