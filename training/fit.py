@@ -29,7 +29,14 @@ from ich_model.labels import LABELS, METRIC_WEIGHTS
 from ich_model.metrics import per_label_auc, sensitivity_specificity, weighted_log_loss
 from ich_model.model import ModelConfig, build_model, save_weights
 from training.datasets import Sample, describe, read_dataset, split_by_group
-from training.pipeline import PipelineConfig, decode_inputs, eval_dataset, train_dataset
+from training.pipeline import (
+    PipelineConfig,
+    apply_logit_offset,
+    decode_inputs,
+    eval_dataset,
+    prior_correction,
+    train_dataset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,55 @@ def _strategy() -> tf.distribute.Strategy:
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def _fit_distributed(
+    model: keras.Model,
+    strategy: tf.distribute.Strategy,
+    data: tf.data.Dataset,
+    epochs: int,
+    initial_epoch: int,
+    steps: int,
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> None:
+    """A plain tf.distribute training loop, for strategies with several replicas.
+
+    Keras 3's ``fit`` does not run under MultiWorkerMirroredStrategy (it reduces sample
+    batches and scalar metrics across workers in ways the strategy rejects; see
+    tensorflow/tensorflow#72388), so replicated runs step through this loop instead:
+    the same loss, optimizer, callbacks and checkpoints.
+    """
+    global_batch = int(data.element_spec[0].shape[0])
+    dist = iter(strategy.experimental_distribute_dataset(data))
+    optimizer = model.optimizer
+
+    def replica_step(x: Any, y: Any) -> Any:
+        with tf.GradientTape() as tape:
+            p = model(x, training=True)
+            loss = tf.nn.compute_average_loss(weighted_bce(y, p), global_batch_size=global_batch)
+        # mixed precision on GPUs: the LossScaleOptimizer scales and unscales
+        grads = tape.gradient(optimizer.scale_loss(loss), model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    @tf.function
+    def train_step(it: Any) -> Any:
+        x, y = next(it)
+        return strategy.reduce("SUM", strategy.run(replica_step, args=(x, y)), axis=None)
+
+    for cb in callbacks:
+        cb.set_model(model)
+    model.stop_training = False
+    for epoch in range(initial_epoch, epochs):
+        for cb in callbacks:
+            cb.on_epoch_begin(epoch)
+        total = 0.0
+        for _ in range(steps):
+            total += float(train_step(dist))
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, {"loss": total / steps})
+        if model.stop_training:
+            break
 
 
 def _is_chief() -> bool:
@@ -139,8 +195,10 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
         yv: np.ndarray,
         state: dict[str, Any],
         deadline: float | None,
+        offset: np.ndarray,
     ) -> None:
         super().__init__()
+        self.offset = offset
         self.run, self.cfg, self.xv, self.yv = run, cfg, xv, yv
         self.state = state
         self.deadline = deadline
@@ -158,7 +216,9 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
             "seconds": round(time.time() - self.epoch_start, 1),
         }
         if len(self.yv):
-            p = self.model.predict(eval_dataset(self.xv, 64), verbose=0)
+            p = apply_logit_offset(
+                self.model.predict(eval_dataset(self.xv, 64), verbose=0), self.offset
+            )
             m = evaluate_arrays(self.yv, p)
             row["val_weighted_log_loss"] = m["weighted_log_loss"]
             for lab, v in m["auc"].items():
@@ -235,6 +295,10 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     else:
         cfg.save(run / "config.json")
 
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = _strategy()  # before any other TF op: collectives are configured at start-up
     keras.utils.set_random_seed(cfg.seed + state["epoch"])
     mcfg = ModelConfig.from_dict(cfg.model)
     pcfg = PipelineConfig(
@@ -269,10 +333,6 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         encoding="utf-8",
     )
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    strategy = _strategy()
     with strategy.scope():
         if resume and (run / "last.keras").is_file():
             model = keras.models.load_model(str(run / "last.keras"), safe_mode=True)
@@ -282,21 +342,28 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
             model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=weighted_bce)
     steps = cfg.steps_per_epoch or max(1, len(train_s) // pcfg.batch_size)
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    offset = prior_correction(yt, pcfg)
+    print("prior correction (logit offsets): " + ", ".join(f"{v:+.2f}" for v in offset), flush=True)
     if state["epoch"] < cfg.epochs:
-        model.fit(
-            train_dataset(xt, yt, pcfg),
-            epochs=cfg.epochs,
-            initial_epoch=state["epoch"],
-            steps_per_epoch=steps,
-            shuffle=False,  # the dataset shuffles and balances itself
-            verbose=2 if not sys.stdout.isatty() else 1,
-            callbacks=[
-                _ValidateAndCheckpoint(run, cfg, xv, yv, state, deadline),
-                _Progress(cfg.epochs),
-            ],
-        )
+        data = train_dataset(xt, yt, pcfg)
+        callbacks = [
+            _ValidateAndCheckpoint(run, cfg, xv, yv, state, deadline, offset),
+            _Progress(cfg.epochs),
+        ]
+        if strategy.num_replicas_in_sync > 1:
+            _fit_distributed(model, strategy, data, cfg.epochs, state["epoch"], steps, callbacks)
+        else:
+            model.fit(
+                data,
+                epochs=cfg.epochs,
+                initial_epoch=state["epoch"],
+                steps_per_epoch=steps,
+                shuffle=False,  # the dataset shuffles and balances itself
+                verbose=2 if not sys.stdout.isatty() else 1,
+                callbacks=callbacks,
+            )
     if _is_chief():
-        export(run, cfg, model, xv, yv, val_s, train_s)
+        export(run, cfg, model, xv, yv, val_s, train_s, offset)
     return run
 
 
@@ -308,14 +375,24 @@ def export(
     yv: np.ndarray,
     val_s: Sequence[Sample],
     train_s: Sequence[Sample],
+    offset: np.ndarray,
 ) -> Path:
-    """Write the best weights with a manifest holding the held-out metrics."""
+    """Write the best weights, prior-corrected, with a manifest holding held-out metrics.
+
+    The class-balancing prior correction is folded into the output layer's bias, so the
+    exported network gives calibrated probabilities with no extra step at inference.
+    """
     mcfg = ModelConfig.from_dict(cfg.model)
     if (run / "best.weights.h5").is_file():
         model.load_weights(str(run / "best.weights.h5"))
+    inference = build_model(mcfg, inference=True)
+    inference.set_weights(model.get_weights())
+    dense = inference.get_layer("probabilities")
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel, bias + offset])
     metrics: dict[str, Any] = {}
     if len(yv):
-        p = model.predict(eval_dataset(xv, 64), verbose=0)
+        p = inference.predict(eval_dataset(xv, 64), verbose=0)
         metrics = evaluate_arrays(yv, p)
         metrics["dataset"] = (
             "held-out validation split (" + ", ".join(sorted({s.source for s in val_s})) + ")"
@@ -326,8 +403,6 @@ def export(
             p=p,
             paths=np.asarray([str(s.path) for s in val_s]),
         )
-    inference = build_model(mcfg, inference=True)
-    inference.set_weights(model.get_weights())
     counts = describe(train_s)
     data_summary = "; ".join(
         f"{k}: {v['slices']} slices, {v['any']} with ICH" for k, v in counts.items()
@@ -350,6 +425,7 @@ def export(
             "learning_rate": cfg.learning_rate,
             "pipeline": cfg.pipeline,
             "val_fraction": cfg.val_fraction,
+            "prior_correction_logit_offsets": [float(v) for v in offset],
             "seed": cfg.seed,
             "command": cfg.command,
         },

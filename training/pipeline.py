@@ -149,7 +149,14 @@ def train_dataset(x: np.ndarray, y: np.ndarray, cfg: PipelineConfig) -> tf.data.
         lambda a, b: (tf.clip_by_value(aug(a, training=True), 0.0, 1.0), b),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _data_sharded(ds).prefetch(tf.data.AUTOTUNE)
+
+
+def _data_sharded(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Under multi-worker training each worker takes its share of every batch (not of files)."""
+    opts = tf.data.Options()
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(opts)
 
 
 def eval_dataset(x: np.ndarray, batch_size: int) -> tf.data.Dataset:
@@ -157,5 +164,31 @@ def eval_dataset(x: np.ndarray, batch_size: int) -> tf.data.Dataset:
         tf.data.Dataset.from_tensor_slices(x)
         .batch(batch_size)
         .map(lambda a: tf.cast(a, tf.float32))
+        .with_options(_data_sharded(tf.data.Dataset.range(1)).options())
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def prior_correction(y: np.ndarray, cfg: PipelineConfig) -> np.ndarray:
+    """Per-label logit offset that undoes the class balancing.
+
+    Balanced sampling shows the network label ``k`` with rate ``q_k`` instead of the data's
+    ``pi_k``, which inflates its probabilities; adding ``logit(pi_k) - logit(q_k)`` to the
+    output logits restores the data's prior (Saerens et al. 2002). Computed from the
+    training labels alone, so no validation data leaks into it.
+    """
+    groups, sizes, names = balance_groups(y)
+    weights = group_weights(sizes, names, cfg)
+    q = sum(w * y[g].mean(axis=0) for g, w in zip(groups, weights, strict=True))
+    pi = y.mean(axis=0)
+    eps = 1e-4
+    q = np.clip(q, eps, 1 - eps)
+    pi = np.clip(pi, eps, 1 - eps)
+    return (np.log(pi / (1 - pi)) - np.log(q / (1 - q))).astype(np.float32)
+
+
+def apply_logit_offset(p: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Probabilities with ``offset`` added to their logits."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    z = np.log(p / (1 - p)) + offset
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
