@@ -264,3 +264,45 @@ def test_two_local_workers_train_together(phantoms, tmp_path):
     assert losses[0] and losses[0] == losses[1]
     # the chief (worker 0) exports the weights
     assert (tmp_path / "run0" / "ich_xception_lstm.weights.h5").is_file(), logs
+
+
+def test_threshold_keeps_sensitivity():
+    from ich_model.metrics import sensitivity_specificity
+    from training.card import choose_threshold
+
+    y = np.array([1, 1, 1, 1, 1, 0, 0])
+    p = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.95])
+    t = choose_threshold(y, p, 0.8)
+    assert t == pytest.approx(0.6)
+    assert sensitivity_specificity(y, p, t) == (0.8, 0.5)
+
+
+def test_report_and_model_card_from_validation_predictions(tmp_path):
+    from training.card import model_card, report
+
+    rng = np.random.default_rng(0)
+    n = 200
+    y = (rng.random((n, 6)) < 0.2).astype(np.float32)
+    y[:, 5] = y[:, :5].max(axis=1)
+    p = np.clip(y * 0.6 + rng.random((n, 6)) * 0.4, 0, 1)
+    sources = np.asarray(["rsna-png"] * 100 + ["ctich-jpg"] * 100)
+    groups = np.asarray([f"g{i // 4}" for i in range(n)])
+    np.savez(
+        tmp_path / "v.npz", y=y, p=p, sources=sources, groups=groups, train_prior=y.mean(axis=0)
+    )
+    rep = report(tmp_path / "v.npz", n_boot=50)
+    assert set(rep["sets"]) == {"all", "rsna-png", "ctich-jpg"}
+    allm = rep["sets"]["all"]
+    assert allm["auc"]["any"] > 0.9
+    assert allm["weighted_log_loss"] < allm["prior_baseline_log_loss"]
+    lo, hi = allm["auc_ci"]["any"]
+    assert lo <= allm["auc"]["any"] <= hi
+    from ich_model.weights import Manifest
+
+    text = model_card(
+        Manifest(architecture={"input_size": 64}, sha256="ab" * 32, weights_file="w.weights.h5"),
+        rep,
+        "ab" * 32,
+    )
+    for needle in ("not for diagnostic use", "0.07528", "0.0438", "95% CI", "Known failure"):
+        assert needle.lower() in text.lower()

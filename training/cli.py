@@ -181,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
         "into resources/weights as the bundled model.",
     )
     i.add_argument("weights", help="weights file (.weights.h5) with its manifest beside it")
+    i.add_argument(
+        "--dest",
+        default=None,
+        help="install into this folder instead of resources/weights (the model card "
+        "is written there too)",
+    )
     return p
 
 
@@ -306,10 +312,10 @@ def _fit(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"ich-train: {exc}", file=sys.stderr)
         return 2
     if args.install:
-        from ich_model.weights import BUNDLED_WEIGHTS
+        from ich_model.weights import BUNDLED_WEIGHTS, MODEL_CARD
         from training.fit import EXPORT_NAME
 
-        print(f"installed: {install(run / EXPORT_NAME, BUNDLED_WEIGHTS.parent)}")
+        print(f"installed: {install(run / EXPORT_NAME, BUNDLED_WEIGHTS.parent, MODEL_CARD)}")
     return 0
 
 
@@ -327,11 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(series)} phantom studies and labels.csv to {args.out}")
         return 0
     if args.command == "install":
-        from ich_model.weights import BUNDLED_WEIGHTS, WeightsError
+        from ich_model.weights import BUNDLED_WEIGHTS, MODEL_CARD, WeightsError
         from training.fit import install
 
+        dest = Path(args.dest) if args.dest else BUNDLED_WEIGHTS.parent
+        card = dest / "MODEL_CARD.md" if args.dest else MODEL_CARD
         try:
-            print(f"installed: {install(Path(args.weights), BUNDLED_WEIGHTS.parent)}")
+            print(f"installed: {install(Path(args.weights), dest, card)}")
         except WeightsError as exc:
             print(f"ich-train: {exc}", file=sys.stderr)
             return 2

@@ -363,7 +363,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                 callbacks=callbacks,
             )
     if _is_chief():
-        export(run, cfg, model, xv, yv, val_s, train_s, offset)
+        export(run, cfg, model, xv, yv, val_s, train_s, offset, yt.mean(axis=0))
     return run
 
 
@@ -376,6 +376,7 @@ def export(
     val_s: Sequence[Sample],
     train_s: Sequence[Sample],
     offset: np.ndarray,
+    yt_prior: np.ndarray | None = None,
 ) -> Path:
     """Write the best weights, prior-corrected, with a manifest holding held-out metrics.
 
@@ -402,6 +403,9 @@ def export(
             y=yv,
             p=p,
             paths=np.asarray([str(s.path) for s in val_s]),
+            sources=np.asarray([s.source for s in val_s]),
+            groups=np.asarray([s.group for s in val_s]),
+            train_prior=yt_prior if yt_prior is not None else np.full(6, np.nan),
         )
     counts = describe(train_s)
     data_summary = "; ".join(
@@ -435,16 +439,53 @@ def export(
     return run / EXPORT_NAME
 
 
-def install(weights: Path, dest: Path) -> Path:
-    """Copy weights and manifest into ``dest`` as the bundled model (verifies the hash first)."""
-    from ich_model.weights import manifest_path_for, read_manifest
+def install(weights: Path, dest: Path, card: Path | None = None) -> Path:
+    """Make verified weights the bundled model: copy them with their manifest into ``dest``.
+
+    When the run's validation predictions are beside the weights, the operating threshold
+    is chosen on them, the manifest's metrics and summary are rewritten from the validation
+    report, and the model card is written to ``card``.
+    """
+    from dataclasses import replace
+
+    from ich_model.weights import manifest_path_for, read_manifest, write_manifest
+    from training.card import model_card, report
 
     manifest, wpath = read_manifest(weights)
+    npz = wpath.parent / "validation_predictions.npz"
+    rep = None
+    if npz.is_file():
+        rep = report(npz)
+        allm = rep["sets"]["all"]
+        metrics = {
+            "dataset": "held-out validation split ("
+            + ", ".join(k for k in rep["sets"] if k != "all")
+            + ")",
+            "weighted_log_loss": allm["weighted_log_loss"],
+            "prior_baseline_log_loss": allm["prior_baseline_log_loss"],
+            "auc": allm["auc"],
+            "auc_ci": allm["auc_ci"],
+            "n_images": allm["n_images"],
+            "threshold": rep["threshold"],
+            "any_sensitivity": allm["any_sensitivity"],
+            "any_specificity": allm["any_specificity"],
+            "per_source": {k: v for k, v in rep["sets"].items() if k != "all"},
+        }
+        manifest = replace(
+            manifest,
+            threshold=rep["threshold"],
+            metrics=metrics,
+            summary="Research and teaching second opinion, not for diagnostic use; metrics "
+            "measured on held-out validation data (see MODEL_CARD.md).",
+        )
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / EXPORT_NAME
-    shutil.copyfile(wpath, target)
-    from ich_model.weights import write_manifest
-
+    if wpath.resolve() != target.resolve():
+        shutil.copyfile(wpath, target)
     write_manifest(target, manifest)
+    if rep is not None and card is not None:
+        final, _ = read_manifest(target)
+        card.write_text(model_card(final, rep, final.sha256), encoding="utf-8")
+        log.info("wrote model card %s", card)
     log.info("installed %s -> %s", wpath, target)
     return manifest_path_for(target)
