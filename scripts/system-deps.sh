@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# System libraries Qt needs on a bare Debian/Ubuntu, and Xvfb for the screenshot tests.
+# System libraries Qt needs on a bare Debian/Ubuntu, Xvfb for the screenshot tests, and the
+# DICOM validators (dicom3tools, dcmtk) the export tests run.
 # Installs only as root with apt-get; otherwise says what to install and carries on.
 set -uo pipefail
 pkgs=(xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0 libegl1 libgl1
       libxcb-image0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-xkb1
-      libfontconfig1 libdbus-1-3 libglib2.0-0 fonts-dejavu-core)
+      libfontconfig1 libdbus-1-3 libglib2.0-0 fonts-dejavu-core dicom3tools dcmtk)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
