@@ -219,8 +219,14 @@ def score_folder(
     progress: ProgressFn | None = None,
     cancelled: Callable[[], bool] | None = None,
     on_series: Callable[[SeriesOutcome], None] | None = None,
+    dicom_out: Path | None = None,
 ) -> BatchSummary:
-    """Score every series under ``inputs`` into ``out``; resumes a run already there."""
+    """Score every series under ``inputs`` into ``out``; resumes a run already there.
+
+    With ``dicom_out``, each scored series also gets a Structured Report and key images
+    (``ich_model.dicom_export``) in ``dicom_out/<series UID>/``, written before the series
+    is committed so a resumed run never leaves a half-written folder behind.
+    """
     t0 = time.perf_counter()
     summary = BatchSummary()
     infos = scan(inputs, warn=summary.scan_warnings.append)
@@ -238,6 +244,8 @@ def score_folder(
         outcome = _score_one(info, series, err, predictor, force, cancelled)
         if outcome.status == "cancelled":
             break
+        if dicom_out is not None and series is not None and outcome.result is not None:
+            outcome = _export(outcome, series, dicom_out)
         writer.commit(outcome, threshold)
         _count(summary, outcome.status, outcome.n_slices, outcome.error, info.key)
         if outcome.result is not None:
@@ -284,6 +292,28 @@ def _score_one(
     return SeriesOutcome(
         info, "scored", result=result, warnings=series.warnings, n_slices=series.n_slices
     )
+
+
+def _export(outcome: SeriesOutcome, series: CTSeries, dicom_out: Path) -> SeriesOutcome:
+    """Write the DICOM SR and key images into a fresh folder, renamed into place when whole."""
+    import shutil
+
+    from ich_model.dicom_export import export_dicom
+
+    assert outcome.result is not None
+    safe = "".join(c if c.isalnum() or c in ".-_" else "_" for c in outcome.info.key)
+    final = dicom_out / safe
+    tmp = dicom_out / f".{safe}.partial"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_dicom(series, outcome.result, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("series %s: DICOM export failed: %s", outcome.info.key, exc)
+        outcome.warnings = (*outcome.warnings, f"DICOM export failed: {exc}")
+    return outcome
 
 
 def _count(summary: BatchSummary, status: str, slices: int, error: str, key: str) -> None:

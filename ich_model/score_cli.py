@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also score series flagged not analyzable (not CT, not axial)",
     )
+    p.add_argument(
+        "--dicom-out",
+        default=None,
+        help="also write a DICOM Structured Report and key images of every scored series "
+        "into this folder (one sub-folder per series), ready to send to a PACS",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             progress=bar,
             cancelled=stop.is_set,
+            dicom_out=Path(args.dicom_out) if args.dicom_out else None,
         )
     except KeyboardInterrupt:
         stop.set()

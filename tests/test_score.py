@@ -158,3 +158,32 @@ def test_kill_9_then_resume_gives_the_uninterrupted_output(tiny_weights, tmp_pat
     subprocess.run([*cmd, "--out", str(out)], check=True, env=env, timeout=600)
     assert _rows(out / "predictions.csv") == _rows(ref / "predictions.csv")
     assert _rows(out / "series.csv") == _rows(ref / "series.csv")
+
+
+def test_dicom_out_writes_sr_and_key_images(studies, tiny_weights, tmp_path):
+    import pydicom
+
+    root, written = studies
+    out, dcm = tmp_path / "out", tmp_path / "dcm"
+    code = score_main(
+        [
+            str(root / "study0"),
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_weights),
+            "--quiet",
+            "--dicom-out",
+            str(dcm),
+        ]
+    )
+    assert code == 0
+    [folder] = [p for p in dcm.iterdir()]
+    assert folder.name == written[0].series_uid
+    files = sorted(folder.glob("*.dcm"))
+    srs = [f for f in files if f.name.startswith("SR_")]
+    assert len(srs) == 1
+    sr = pydicom.dcmread(srs[0])
+    assert sr.StudyInstanceUID == written[0].study_uid
+    assert sr.SeriesInstanceUID != written[0].series_uid
+    assert not list(dcm.glob(".*partial"))
