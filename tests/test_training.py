@@ -82,7 +82,12 @@ def test_phantom_dataset_reads_and_splits_by_patient(phantoms):
 @pytest.mark.slow
 def test_fit_evaluate_resume_and_predict(phantoms, tmp_path):
     run = tmp_path / "run"
-    assert train_main(["fit", str(phantoms), "--out", str(run), "--epochs", "1", *TINY_ARGS]) == 0
+    assert (
+        train_main(
+            ["fit", str(phantoms), "--out", str(run), "--epochs", "1", "--ema", "0.9", *TINY_ARGS]
+        )
+        == 0
+    )
     for name in (
         "config.json",
         "last.keras",

@@ -84,6 +84,26 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--learning-rate", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)"
     )
+    f.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="decoupled weight decay for Adam (default 0, as in the paper)",
+    )
+    f.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="MOMENTUM",
+        help="validate, keep and export an exponential moving average of the weights with "
+        "this momentum (e.g. 0.995); default: off",
+    )
+    f.add_argument(
+        "--init-weights",
+        default=None,
+        help="start from these weights (a run's best.weights.h5) instead of random ones; use "
+        "only weights trained on the same split, or validation data leaks into training",
+    )
     f.add_argument("--input-size", type=int, default=299, help="input side in pixels (paper: 299)")
     f.add_argument(
         "--width",
@@ -299,6 +319,9 @@ def _fit(args: argparse.Namespace, argv: list[str]) -> int:
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
         learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        ema=args.ema,
+        init_weights=str(Path(args.init_weights).resolve()) if args.init_weights else None,
         val_fraction=args.val_fraction,
         seed=args.seed,
         patience=args.patience,

@@ -63,6 +63,9 @@ class RunConfig:
     epochs: int = 30
     steps_per_epoch: int | None = None
     learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    ema: float | None = None  # momentum of an exponential moving average of the weights
+    init_weights: str | None = None
     val_fraction: float = 0.2
     seed: int = 0
     patience: int = 5
@@ -202,13 +205,39 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
         self.run, self.cfg, self.xv, self.yv = run, cfg, xv, yv
         self.state = state
         self.deadline = deadline
+        self.is_chief = _is_chief()
         self.epoch_start = time.time()
         self.writer = tf.summary.create_file_writer(str(run / "tensorboard"))
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epoch_start = time.time()
 
+    def _swap_ema(self) -> None:
+        """Exchange the weights with their moving average (Polyak averaging), in place."""
+        opt = self.model.optimizer
+        for var, avg in zip(
+            opt._trainable_variables, opt._model_variables_moving_average, strict=True
+        ):
+            raw = keras.ops.convert_to_numpy(var)
+            var.assign(avg)
+            avg.assign(raw)
+
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        ema = bool(getattr(self.model.optimizer, "use_ema", False))
+        if ema:
+            self._swap_ema()  # validate and keep the averaged weights
+        try:
+            self._epoch_end(epoch, logs)
+        finally:
+            if ema:
+                self._swap_ema()
+        if self.is_chief:
+            tmp = self.run / "last.tmp.keras"
+            self.model.save(str(tmp))  # raw weights and optimizer state, for --resume
+            tmp.replace(self.run / "last.keras")
+            (self.run / "state.json").write_text(json.dumps(self.state, indent=2), encoding="utf-8")
+
+    def _epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = dict(logs or {})
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -231,7 +260,7 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
                 if k != "epoch" and v is not None and np.isfinite(v):
                     tf.summary.scalar(k, v, step=epoch + 1)
         self._append_csv(row)
-        chief = _is_chief()
+        chief = self.is_chief
         if score < self.state.get("best", np.inf):
             self.state.update(best=score, best_epoch=epoch + 1, wait=0)
             if chief:
@@ -239,11 +268,6 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
         else:
             self.state["wait"] = self.state.get("wait", 0) + 1
         self.state["epoch"] = epoch + 1
-        if chief:
-            tmp = self.run / "last.tmp.keras"
-            self.model.save(str(tmp))
-            tmp.replace(self.run / "last.keras")
-            (self.run / "state.json").write_text(json.dumps(self.state, indent=2), encoding="utf-8")
         auc_any = row.get("val_auc_any")
         print(
             f"epoch {epoch + 1}: loss {row['loss']:.4f}, val wLL {score:.4f}"
@@ -339,7 +363,16 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
             print(f"resumed from {run / 'last.keras'} after epoch {state['epoch']}", flush=True)
         else:
             model = build_model(mcfg)
-            model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=weighted_bce)
+            if cfg.init_weights:
+                model.load_weights(cfg.init_weights)
+                print(f"initialised from {cfg.init_weights}", flush=True)
+            optimizer = keras.optimizers.Adam(
+                cfg.learning_rate,
+                weight_decay=cfg.weight_decay or None,
+                use_ema=cfg.ema is not None and strategy.num_replicas_in_sync == 1,
+                ema_momentum=cfg.ema or 0.99,
+            )
+            model.compile(optimizer=optimizer, loss=weighted_bce)
     steps = cfg.steps_per_epoch or max(1, len(train_s) // pcfg.batch_size)
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
     offset = prior_correction(yt, pcfg)
@@ -427,6 +460,9 @@ def export(
             "epochs_run": state.get("epoch"),
             "best_epoch": state.get("best_epoch"),
             "learning_rate": cfg.learning_rate,
+            "weight_decay": cfg.weight_decay,
+            "ema": cfg.ema,
+            "init_weights": cfg.init_weights,
             "pipeline": cfg.pipeline,
             "val_fraction": cfg.val_fraction,
             "prior_correction_logit_offsets": [float(v) for v in offset],
