@@ -5,7 +5,7 @@
 set -uo pipefail
 pkgs=(xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0 libegl1 libgl1
       libxcb-image0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-xkb1
-      libfontconfig1 libdbus-1-3 libglib2.0-0 fonts-dejavu-core dicom3tools dcmtk)
+      libfontconfig1 libdbus-1-3 libglib2.0-0 fonts-dejavu-core dicom3tools dcmtk orthanc openssl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
