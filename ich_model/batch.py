@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ich_model import __version__
-from ich_model.dicom_io import analyzability, load_series, scan
+from ich_model.dicom_io import MIN_SLICES, analyzability, load_series, scan
 from ich_model.labels import LABELS, NOT_FOR_DIAGNOSIS
 from ich_model.predictor import Predictor, ScoreResult
 from ich_model.series import CTSeries, SeriesInfo, SeriesLoadError
@@ -49,7 +49,6 @@ SERIES_COLUMNS = (
     "error",
     "warnings",
 )
-MIN_SLICES = 1
 
 
 @dataclass

@@ -30,6 +30,9 @@ class SeriesInfo:
     columns: int
     metadata: dict[str, str] = field(default_factory=dict, compare=False)
     warnings: tuple[str, ...] = ()
+    # ImageOrientationPatient of the first slice (None: unknown), so a reformat can be
+    # flagged "not analyzable" before any pixel is decoded
+    orientation: tuple[float, ...] | None = None
 
     @property
     def n_slices(self) -> int:
