@@ -2,8 +2,9 @@
 
 The :class:`Predictor` loads the manifest and weights once, then scores series in
 batches; the next batch is windowed and resized on a helper thread while the model
-computes the current one. Progress arrives per batch, and a cancel flag is checked
-between batches.
+computes the current one (ONNX Runtime and TensorFlow both release the GIL while they
+compute). Progress arrives per batch, and a cancel flag is checked between batches.
+Where the model runs is chosen by :mod:`ich_model.runtime`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import numpy as np
 
 from ich_model.labels import LABELS
 from ich_model.series import CTSeries
-from ich_model.weights import Manifest, WeightsError, model_card_summary, read_manifest
+from ich_model.weights import Manifest, model_card_summary, read_manifest
+from ich_model.weights import WeightsError as WeightsError  # re-exported: callers catch it
 from ich_model.windowing import model_input, model_input_batch
 
 log = logging.getLogger(__name__)
@@ -95,13 +97,20 @@ def _configure_tensorflow() -> Any:
 
 
 class Predictor:
-    """Loads verified weights once and scores slices and series."""
+    """Loads verified weights once and scores slices and series.
+
+    ``runtime`` ("auto", "onnx", "onnx-int8", "tensorflow"; default ``$ICH_RUNTIME`` or
+    "auto") picks where the model runs, see :mod:`ich_model.runtime`; the choice is in
+    ``identity.runtime``. With a cached ONNX model, nothing here imports TensorFlow
+    until Grad-CAM is asked for.
+    """
 
     def __init__(
         self,
         weights: Path | str | None = None,
         batch_size: int = 8,
         manifest: Manifest | None = None,
+        runtime: str | None = None,
     ) -> None:
         if manifest is None:
             manifest, weights_path = read_manifest(weights)
@@ -113,35 +122,26 @@ class Predictor:
         self.input_size = manifest.input_size
         self.hu_range = manifest.hu_range
 
-        tf = _configure_tensorflow()
-        from ich_model.model import ModelConfig, build_model
+        from ich_model.runtime import load_backend
 
-        cfg = ModelConfig.from_dict(manifest.architecture)
-        self._model = build_model(cfg, inference=True)
-        try:
-            self._model.load_weights(str(weights_path))
-        except Exception as exc:  # h5 errors, shape mismatches
-            raise WeightsError(
-                f"{weights_path}: cannot load into {cfg.name} "
-                f"(width {cfg.width}, input {cfg.input_size}): {exc}"
-            ) from exc
-        gpus = tf.config.list_physical_devices("GPU")
-        self.runtime = f"tensorflow {tf.__version__} ({'GPU' if gpus else 'CPU'})"
-        spec = tf.TensorSpec([None, cfg.input_size, cfg.input_size, 3], tf.float32)
-        self._fn = tf.function(lambda x: self._model(x, training=False), input_signature=[spec])
+        loaded = load_backend(manifest, weights_path, runtime)
+        self._backend = loaded.backend
+        self._keras_model: Any = loaded.keras_model  # built lazily for Grad-CAM otherwise
         self._gradcam_fn: Any = None
-        self._tf = tf
+        self._tf: Any = None
+        self.runtime = self._backend.description
+        name = str(manifest.architecture.get("name", "xception_lstm"))
         self.identity = ModelIdentity(
-            name=cfg.name,
+            name=name,
             sha256=manifest.sha256,
             trained=manifest.trained,
-            input_size=cfg.input_size,
+            input_size=self.input_size,
             threshold=manifest.threshold,
             runtime=self.runtime,
             summary=model_card_summary(manifest),
             weights_file=str(weights_path),
         )
-        log.info("model %s loaded (%s), weights %s", cfg.name, self.runtime, manifest.short_hash)
+        log.info("model %s loaded (%s), weights %s", name, self.runtime, manifest.short_hash)
 
     # ------------------------------------------------------------------ slices
 
@@ -152,7 +152,7 @@ class Predictor:
     def predict_inputs(self, x: np.ndarray) -> np.ndarray:
         """Model inputs ``[n, s, s, 3]`` -> probabilities ``[n, 6]`` float32."""
         out = [
-            np.asarray(self._fn(self._tf.constant(x[i : i + self.batch_size])))
+            self._backend.predict(x[i : i + self.batch_size])
             for i in range(0, len(x), self.batch_size)
         ]
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 6), np.float32)
@@ -192,7 +192,7 @@ class Predictor:
             if cancelled is not None and cancelled():
                 complete = False
                 break
-            p = np.asarray(self._fn(self._tf.constant(batch)), dtype=np.float32)
+            p = self._backend.predict(batch)
             probs[start : start + len(p)] = p
             done = start + len(p)
             if progress is not None:
@@ -215,11 +215,14 @@ class Predictor:
     def gradcam(self, hu_slice: np.ndarray, label: str = "any") -> np.ndarray:
         """Where the model looked for ``label`` on one slice: a heat map in [0, 1] at the
         slice's own size (Grad-CAM, Selvaraju et al. 2017, on the last convolutional block)."""
-        tf = self._tf
         if self._gradcam_fn is None:
             from ich_model.model import gradcam_model
+            from ich_model.runtime import build_keras
 
-            gm = gradcam_model(self._model)
+            tf = self._tf = _configure_tensorflow()
+            if self._keras_model is None:
+                self._keras_model = build_keras(self.manifest, self.weights_path)
+            gm = gradcam_model(self._keras_model)
 
             @tf.function
             def fn(x: Any, k: Any) -> Any:
@@ -234,6 +237,7 @@ class Predictor:
             self._gradcam_fn = fn
         k = LABELS.index(label)
         x = model_input(hu_slice, self.input_size, self.hu_range)[None]
+        tf = self._tf
         cam = np.asarray(self._gradcam_fn(tf.constant(x), tf.constant(k)), dtype=np.float32)
         if cam.max() > 0:
             cam = cam / cam.max()
