@@ -50,7 +50,7 @@ def phantoms(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("sub", ["fit", "evaluate", "make-phantoms", "install"])
+@pytest.mark.parametrize("sub", ["fit", "evaluate", "make-phantoms", "install", "export"])
 def test_every_subcommand_explains_itself(sub, capsys):
     with pytest.raises(SystemExit) as exc:
         train_main([sub, "--help"])
@@ -311,3 +311,28 @@ def test_report_and_model_card_from_validation_predictions(tmp_path):
     )
     for needle in ("not for diagnostic use", "0.07528", "0.0438", "95% CI", "Known failure"):
         assert needle.lower() in text.lower()
+
+
+def test_platt_calibration_fixes_overconfidence_and_folds_into_the_layer():
+    from ich_model.metrics import roc_auc, weighted_log_loss
+    from training import calibrate
+
+    rng = np.random.default_rng(0)
+    n = 600
+    y = (rng.random((n, 6)) < 0.15).astype(np.float32)
+    z_true = np.where(y > 0, 1.0, -1.0) + rng.normal(0, 1.0, (n, 6))
+    over = calibrate.sigmoid(4.0 * z_true + 1.5)  # overconfident and biased
+    groups = np.asarray([f"p{i // 5}" for i in range(n)])
+    fixed = calibrate.cross_fitted(over, y, groups)
+    assert weighted_log_loss(y, fixed) < 0.7 * weighted_log_loss(y, over)
+    # a monotone map per label: ranking (AUC) unchanged
+    params = calibrate.fit_all(over, y)
+    assert roc_auc(y[:, 0], calibrate.apply(over, params)[:, 0]) == pytest.approx(
+        roc_auc(y[:, 0], over[:, 0])
+    )
+    # folding into a dense layer gives the same probabilities as applying after it
+    x = rng.normal(size=(10, 4))
+    kernel, bias = rng.normal(size=(4, 6)), rng.normal(size=6)
+    k2, b2 = calibrate.fold_into_dense(kernel, bias, params)
+    direct = calibrate.apply(calibrate.sigmoid(x @ kernel + bias), params)
+    np.testing.assert_allclose(calibrate.sigmoid(x @ k2 + b2), direct, atol=1e-5)

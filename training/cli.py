@@ -194,6 +194,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--matrix", type=int, default=512, help="rows = columns (default 512)")
     m.add_argument("--seed", type=int, default=0, help="seed (same seed, same studies and UIDs)")
 
+    x = sub.add_parser(
+        "export",
+        help="export a run's best weights again",
+        description="Re-export RUN's best weights with their calibration, validation metrics "
+        "and manifest (as at the end of fit), e.g. after a run was stopped.",
+    )
+    x.add_argument("run", help="run folder (the --out of ich-train fit)")
+
     i = sub.add_parser(
         "install",
         help="make given weights the bundled model",
@@ -354,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out), args.studies, n_slices=args.slices, matrix=args.matrix, seed=args.seed
         )
         print(f"wrote {len(series)} phantom studies and labels.csv to {args.out}")
+        return 0
+    if args.command == "export":
+        from training.fit import export_run
+
+        print(f"exported: {export_run(Path(args.run))}")
         return 0
     if args.command == "install":
         from ich_model.weights import BUNDLED_WEIGHTS, MODEL_CARD, WeightsError

@@ -28,6 +28,7 @@ import tensorflow as tf
 from ich_model.labels import LABELS, METRIC_WEIGHTS
 from ich_model.metrics import per_label_auc, sensitivity_specificity, weighted_log_loss
 from ich_model.model import ModelConfig, build_model, save_weights
+from training import calibrate
 from training.datasets import Sample, describe, read_dataset, split_by_group
 from training.pipeline import (
     PipelineConfig,
@@ -411,10 +412,12 @@ def export(
     offset: np.ndarray,
     yt_prior: np.ndarray | None = None,
 ) -> Path:
-    """Write the best weights, prior-corrected, with a manifest holding held-out metrics.
+    """Write the best weights, calibrated, with a manifest holding held-out metrics.
 
-    The class-balancing prior correction is folded into the output layer's bias, so the
-    exported network gives calibrated probabilities with no extra step at inference.
+    The class-balancing prior correction and a per-label Platt calibration fitted on the
+    validation patients are folded into the output layer, so the exported network gives
+    calibrated probabilities with no extra step at inference. The reported metrics use
+    cross-fitted calibration (see ``training.calibrate``): no slice helped calibrate itself.
     """
     mcfg = ModelConfig.from_dict(cfg.model)
     if (run / "best.weights.h5").is_file():
@@ -425,9 +428,15 @@ def export(
     kernel, bias = dense.get_weights()
     dense.set_weights([kernel, bias + offset])
     metrics: dict[str, Any] = {}
+    platt = None
     if len(yv):
-        p = inference.predict(eval_dataset(xv, 64), verbose=0)
+        raw = inference.predict(eval_dataset(xv, 64), verbose=0)
+        groups = np.asarray([s.group for s in val_s])
+        p = calibrate.cross_fitted(raw, yv, groups)
+        platt = calibrate.fit_all(raw, yv)
+        dense.set_weights(list(calibrate.fold_into_dense(kernel, bias + offset, platt)))
         metrics = evaluate_arrays(yv, p)
+        metrics["uncalibrated_weighted_log_loss"] = evaluate_arrays(yv, raw)["weighted_log_loss"]
         metrics["dataset"] = (
             "held-out validation split (" + ", ".join(sorted({s.source for s in val_s})) + ")"
         )
@@ -466,6 +475,7 @@ def export(
             "pipeline": cfg.pipeline,
             "val_fraction": cfg.val_fraction,
             "prior_correction_logit_offsets": [float(v) for v in offset],
+            "platt_calibration": None if platt is None else platt.tolist(),
             "seed": cfg.seed,
             "command": cfg.command,
         },
@@ -473,6 +483,27 @@ def export(
     )
     print(f"exported {run / EXPORT_NAME} with {path.name}", flush=True)
     return run / EXPORT_NAME
+
+
+def export_run(run: Path) -> Path:
+    """Export a run's best weights again (with the current calibration and metrics code)."""
+    cfg = RunConfig.load(run / "config.json")
+    mcfg = ModelConfig.from_dict(cfg.model)
+    pcfg = PipelineConfig(
+        **{
+            **cfg.pipeline,
+            "input_size": mcfg.input_size,
+            "hu_range": cfg.hu_range,
+            "seed": cfg.seed,
+        }
+    )
+    train_s, val_s = _load_samples(cfg)
+    yt = np.asarray([s.labels for s in train_s], dtype=np.float32)
+    xv, yv = decode_inputs(val_s, pcfg) if val_s else (np.zeros((0,)), np.zeros((0, 6)))
+    model = build_model(mcfg)
+    return export(
+        run, cfg, model, xv, yv, val_s, train_s, prior_correction(yt, pcfg), yt.mean(axis=0)
+    )
 
 
 def install(weights: Path, dest: Path, card: Path | None = None) -> Path:
