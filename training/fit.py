@@ -189,7 +189,12 @@ class _Progress(keras.callbacks.Callback):
 
 
 class _ValidateAndCheckpoint(keras.callbacks.Callback):
-    """After each epoch: validate with the challenge metric, checkpoint, early-stop, time-limit."""
+    """After each epoch: validate with the challenge metric, checkpoint, early-stop, time-limit.
+
+    The score that picks the best epoch is the weighted log loss after the same calibration
+    the export applies (cross-fitted over validation patients), so the kept checkpoint is the
+    one whose exported, calibrated probabilities are best, not the least overconfident one.
+    """
 
     def __init__(
         self,
@@ -200,9 +205,11 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
         state: dict[str, Any],
         deadline: float | None,
         offset: np.ndarray,
+        groups: np.ndarray,
     ) -> None:
         super().__init__()
         self.offset = offset
+        self.groups = groups
         self.run, self.cfg, self.xv, self.yv = run, cfg, xv, yv
         self.state = state
         self.deadline = deadline
@@ -249,7 +256,8 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
             p = apply_logit_offset(
                 self.model.predict(eval_dataset(self.xv, 64), verbose=0), self.offset
             )
-            m = evaluate_arrays(self.yv, p)
+            m = evaluate_arrays(self.yv, calibrate.cross_fitted(p, self.yv, self.groups))
+            row["val_uncalibrated_weighted_log_loss"] = weighted_log_loss(self.yv, p)
             row["val_weighted_log_loss"] = m["weighted_log_loss"]
             for lab, v in m["auc"].items():
                 row[f"val_auc_{lab}"] = v
@@ -286,13 +294,23 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def _append_csv(self, row: dict[str, Any]) -> None:
+        """Append one epoch; if the columns changed (a resumed run), rewrite with all of them."""
         path = self.run / "log.csv"
-        new = not path.exists()
-        with open(path, "a", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        rows: list[dict[str, Any]] = []
+        if path.exists():
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        fields = list(dict.fromkeys([*(rows[0].keys() if rows else []), *row.keys()]))
+        if rows and list(rows[0].keys()) == fields:
+            with open(path, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, fieldnames=fields).writerow(row)
+            return
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
+            w.writeheader()
+            w.writerows([*rows, row])
+        tmp.replace(path)
 
 
 def _load_samples(cfg: RunConfig) -> tuple[list[Sample], list[Sample]]:
@@ -381,7 +399,9 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     if state["epoch"] < cfg.epochs:
         data = train_dataset(xt, yt, pcfg)
         callbacks = [
-            _ValidateAndCheckpoint(run, cfg, xv, yv, state, deadline, offset),
+            _ValidateAndCheckpoint(
+                run, cfg, xv, yv, state, deadline, offset, np.asarray([s.group for s in val_s])
+            ),
             _Progress(cfg.epochs),
         ]
         if strategy.num_replicas_in_sync > 1:
