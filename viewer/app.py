@@ -25,7 +25,9 @@ from ich_model import NOT_FOR_DIAGNOSIS, __version__
 from ich_model.labels import LABELS
 from ich_model.weights import RESOURCES
 from ich_model.windowing import WindowPreset
+from viewer.qt_batch import install_batch
 from viewer.qt_main_window import SETTINGS_APP, SETTINGS_ORG, QtMainWindow
+from viewer.qt_pacs import install_pacs
 from viewer.qt_theme import apply_dark_theme
 
 log = logging.getLogger(__name__)
@@ -200,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         remember=not (screenshot or args.exit_after_show),
         load_model=not args.exit_after_show,
     )
+    # File ▸ Batch score folder…, File ▸ Export DICOM SR and key images…, the PACS menu
+    install_batch(window)
+    install_pacs(window, autostart=not (screenshot or args.exit_after_show))
     previous_hook = install_excepthook(window)
     try:
         window.apply_preset(WindowPreset[args.window.upper()])
