@@ -166,13 +166,29 @@ def model_card(manifest: Manifest, rep: dict[str, Any], sha256: str) -> str:
         str(tr.get("command", "")),
         "```",
         "",
+        *(
+            [
+                "It started from the weights of an earlier run on the same data and the same"
+                " split (same seed, so no validation patient was ever trained on), made with:",
+                "",
+                "```",
+                str(tr["init_run_command"]),
+                "```",
+                "",
+            ]
+            if tr.get("init_run_command")
+            else []
+        ),
         f"Adam, learning rate {tr.get('learning_rate')}, batch 32, loss: binary cross-entropy"
         " weighted like the RSNA metric. Balanced sampling: 40% of each batch from slices with a"
         " bleed, spread over the subtypes by count^0.5 (rare subtypes oversampled); random"
         " flips, rotations (+-10 degrees) and rescaling (+-10%). The shift in class prior that"
         " balancing causes is undone by a logit offset folded into the output bias"
-        f" ({tr.get('prior_correction_logit_offsets')}). Best epoch by validation weighted log"
-        f" loss: {tr.get('best_epoch')} of {tr.get('epochs_run')} run.",
+        f" ({tr.get('prior_correction_logit_offsets')}), and so is a per-label Platt"
+        " calibration fitted on the validation patients (the metrics below use cross-fitted"
+        " calibration: each validation patient's slices were calibrated with parameters fitted"
+        " on the other half). Best epoch by calibrated validation weighted log loss:"
+        f" {tr.get('best_epoch')} of {tr.get('epochs_run')} run.",
         "",
         "### Departures from the paper, and why",
         "",

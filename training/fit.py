@@ -492,6 +492,7 @@ def export(
             "weight_decay": cfg.weight_decay,
             "ema": cfg.ema,
             "init_weights": cfg.init_weights,
+            "init_run_command": _run_command(cfg.init_weights),
             "pipeline": cfg.pipeline,
             "val_fraction": cfg.val_fraction,
             "prior_correction_logit_offsets": [float(v) for v in offset],
@@ -503,6 +504,17 @@ def export(
     )
     print(f"exported {run / EXPORT_NAME} with {path.name}", flush=True)
     return run / EXPORT_NAME
+
+
+def _run_command(weights: str | None) -> str | None:
+    """The command of the run whose weights a warm start began from, when it is known."""
+    if not weights:
+        return None
+    config = Path(weights).parent / "config.json"
+    try:
+        return str(json.loads(config.read_text(encoding="utf-8")).get("command") or "") or None
+    except (OSError, ValueError):
+        return None
 
 
 def export_run(run: Path) -> Path:
