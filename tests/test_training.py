@@ -336,3 +336,31 @@ def test_platt_calibration_fixes_overconfidence_and_folds_into_the_layer():
     k2, b2 = calibrate.fold_into_dense(kernel, bias, params)
     direct = calibrate.apply(calibrate.sigmoid(x @ kernel + bias), params)
     np.testing.assert_allclose(calibrate.sigmoid(x @ k2 + b2), direct, atol=1e-5)
+
+
+def test_rsna_challenge_layout_long_csv_and_id_dcm(phantoms, tmp_path):
+    """stage_2_train.csv (ID_<id>_<label>,Label) beside a folder of ID_<id>.dcm files."""
+    import shutil
+
+    import pydicom
+
+    from ich_model.labels import LABELS
+
+    root = tmp_path / "rsna"
+    (root / "stage_2_train").mkdir(parents=True)
+    lines = ["ID,Label"]
+    for k, f in enumerate(sorted(phantoms.rglob("*.dcm"))[:4]):
+        pid = f"ID_{k:09x}"
+        shutil.copy(f, root / "stage_2_train" / f"{pid}.dcm")
+        truth = [int(k == 1), 0, 0, 0, int(k == 1), int(k == 1)]
+        lines += [f"{pid}_{lab},{v}" for lab, v in zip(LABELS, truth, strict=True)]
+    (root / "stage_2_train.csv").write_text("\n".join(lines) + "\n")
+    samples = read_dataset(root)
+    assert len(samples) == 4 and {s.source for s in samples} == {"rsna-dcm"}
+    assert sum(s.labels[-1] for s in samples) == 1
+    # grouped by the DICOM PatientID, so a patient never straddles the split
+    pids = {str(pydicom.dcmread(s.path, stop_before_pixels=True).PatientID) for s in samples}
+    assert {s.group for s in samples} == pids
+    (root / "stage_2_train" / "ID_000000002.dcm").unlink()
+    with pytest.raises(DatasetError, match="ID_000000002 is listed but"):
+        read_dataset(root)
