@@ -464,6 +464,22 @@ def test_a_series_the_model_cannot_read_is_shown_but_not_scored(qtbot, make_wind
     assert "not scored: modality MR" in w.slice_view.overlay.model_status
 
 
+def test_the_user_can_insist_on_scoring_a_series_not_analyzable(
+    qtbot, make_window, tmp_path, tiny_weights
+):
+    from tests.dicomfactory import ct_series
+
+    ct_series(tmp_path / "mr", n=4, modality="MR")
+    w = make_window(weights=tiny_weights)
+    qtbot.waitUntil(lambda: w._model_state == "ready", timeout=WAIT_MS)
+    open_and_wait(qtbot, w, [tmp_path / "mr"])
+    assert w.scores is None
+    assert "not analyzable" in w.slice_view.overlay.model_status
+    with qtbot.waitSignal(w.scoringFinished, timeout=WAIT_MS):
+        w.action_force_score.trigger()
+    assert w.scores is not None and w.scores.n_scored == 4
+
+
 def test_main_with_bad_input_saves_a_screenshot_and_fails(qtbot, tmp_path):
     bad = tmp_path / "empty"
     bad.mkdir()

@@ -386,6 +386,13 @@ class QtMainWindow(QMainWindow):
         model.addSeparator()
         model.addAction(self.action_cancel)
         model.addAction(self.action_rescore)
+        self.action_force_score = QAction("Score anyway (series not analyzable)", self)
+        self.action_force_score.setToolTip(
+            "Run the model on a series it was not trained to read (not CT, not axial); "
+            "its results then mean even less than usual"
+        )
+        self.action_force_score.triggered.connect(self.score_anyway)
+        model.addAction(self.action_force_score)
 
         helpm = menu.addMenu("&Help")
         helpm.addAction(self.action_about)
@@ -446,6 +453,8 @@ class QtMainWindow(QMainWindow):
             f"Model: {identity.get('name')} · weights {str(identity.get('sha256', ''))[:12]} · "
             f"{identity.get('runtime', '')}"
         )
+        if self._score_note:  # keep saying why the shown series is not scored
+            self.findings.set_status(f"Model: {self._score_note}", error=True)
         self.statusBar().showMessage("Model loaded", 4000)
         self._update_overlay()
 
@@ -599,7 +608,8 @@ class QtMainWindow(QMainWindow):
 
     # ================================================================== scoring
 
-    def _start_scoring(self) -> None:
+    def _start_scoring(self, force: bool = False) -> None:
+        """Score the shown series, unless it is not analyzable and the user did not insist."""
         s = self._series
         self._scores = None
         self._score_job = 0
@@ -609,9 +619,11 @@ class QtMainWindow(QMainWindow):
         from ich_model.dicom_io import analyzability  # lazily: see viewer.workers
 
         reasons = analyzability(s)
-        if reasons:
-            self._score_note = "not scored: " + "; ".join(reasons)
-            self.findings.set_status(f"Model: {self._score_note}")
+        if reasons and not force:
+            self._score_note = (
+                "not analyzable, not scored: " + "; ".join(reasons) + " (Model > Score anyway)"
+            )
+            self.findings.set_status(f"Model: {self._score_note}", error=True)
         elif self._model_state in ("loading", "ready"):
             self._scores = LiveScores.empty(s.n_slices)
             self._score_job = self.model_worker.score(s)
@@ -621,6 +633,12 @@ class QtMainWindow(QMainWindow):
             self.cancel_button.setVisible(True)
             self.cancel_button.setEnabled(True)
         self._update_results()
+
+    def score_anyway(self) -> None:
+        """The user insists: score a series the quality check flagged as not analyzable."""
+        if self._series is not None and self._score_job == 0:
+            self._start_scoring(force=True)
+            self._update_overlay()
 
     def rescore(self) -> None:
         if self._series is not None and self._score_job == 0:
