@@ -41,13 +41,8 @@ WAIT_MS = 60_000
 # ----------------------------------------------------------------------------- data
 
 
-@pytest.fixture(scope="module", autouse=True)
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Converted (ONNX) models go to a test folder, not the user's cache (subprocesses too)."""
-    folder = tmp_path_factory.mktemp("model-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ICH_CACHE_DIR", str(folder))
-        yield folder
+# converted (ONNX) models go to a test folder, not the user's cache (see conftest.model_cache)
+pytestmark = pytest.mark.usefixtures("model_cache")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before any QApplication exists
@@ -51,13 +51,8 @@ def os_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Converted (ONNX) models go to a test folder, not the user's cache."""
-    folder = tmp_path_factory.mktemp("model-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ICH_CACHE_DIR", str(folder))
-        yield folder
+# converted (ONNX) models go to a test folder, not the user's cache (see conftest.model_cache)
+pytestmark = pytest.mark.usefixtures("model_cache")
 
 
 @pytest.fixture(scope="module")
