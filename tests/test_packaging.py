@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +33,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+from tests.xvfb import xvfb_display
 
 pytestmark = [
     pytest.mark.slow,
@@ -159,31 +160,6 @@ def _clean_env(home: Path, **extra: str) -> dict[str, str]:
     (home / "run").mkdir(mode=0o700, exist_ok=True)
     env.update(extra)
     return env
-
-
-@contextmanager
-def _xvfb() -> Iterator[str | None]:
-    """An X display for the run, or None when Xvfb is not installed."""
-    xvfb = shutil.which("Xvfb")
-    if xvfb is None:
-        yield None
-        return
-    read_fd, write_fd = os.pipe()
-    server = subprocess.Popen(
-        [xvfb, "-displayfd", str(write_fd), "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
-        pass_fds=(write_fd,),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.close(write_fd)
-    try:
-        with os.fdopen(read_fd) as f:
-            display = f.readline().strip()
-        assert display, "Xvfb did not report its display"
-        yield f":{display}"
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def _run_app(exe: Path, args: list[str], env: dict[str, str], cwd: Path) -> str:
@@ -322,7 +298,7 @@ def test_bundled_app_reads_compressed_series_and_shows_gradcam(
     print(f"transfer syntaxes: {', '.join(syntaxes)}")
     cache = demo_run[1]
     shot = SCREENSHOTS / "bundle-compressed-gradcam.png"
-    with _xvfb() as display:
+    with xvfb_display() as display:
         platform = {"DISPLAY": display, "QT_QPA_PLATFORM": "xcb"} if display else {}
         env = _clean_env(
             home, **(platform or {"QT_QPA_PLATFORM": "offscreen"}), ICH_CACHE_DIR=str(cache)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ from ich_model.labels import LABELS, NOT_FOR_DIAGNOSIS, UNTRAINED_WARNING
 from ich_model.phantom import PhantomSpec, write_series
 from ich_model.weights import read_manifest
 from ich_model.windowing import WindowPreset, apply_window, window_to_uint8
+from tests.xvfb import xvfb_display
 from viewer.app import install_excepthook, main
 from viewer.qt_main_window import QtMainWindow
 
@@ -525,25 +525,13 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_screenshot_under_xvfb(small, tiny_weights, tmp_path):
-    xvfb = shutil.which("Xvfb")
-    if xvfb is None:
-        pytest.skip(
-            "Xvfb is not installed (apt-get install xvfb); the offscreen test covers the rest"
-        )
-    read_fd, write_fd = os.pipe()
-    server = subprocess.Popen(
-        [xvfb, "-displayfd", str(write_fd), "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
-        pass_fds=(write_fd,),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.close(write_fd)
-    try:
-        with os.fdopen(read_fd) as f:
-            display = f.readline().strip()
-        assert display, "Xvfb did not report its display"
+    with xvfb_display() as display:
+        if display is None:
+            pytest.skip(
+                "Xvfb is not installed (apt-get install xvfb); the offscreen test covers the rest"
+            )
         env = _env()
-        env.update(DISPLAY=f":{display}", QT_QPA_PLATFORM="xcb")
+        env.update(DISPLAY=display, QT_QPA_PLATFORM="xcb")
         out = tmp_path / "xvfb.png"
         cmd = [
             sys.executable,
@@ -558,9 +546,6 @@ def test_screenshot_under_xvfb(small, tiny_weights, tmp_path):
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
         assert run.returncode == 0, run.stderr[-3000:]
         _check_screenshot(out, (1440, 900))
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def test_window_shows_before_tensorflow_is_imported(tmp_path):

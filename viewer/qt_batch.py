@@ -43,11 +43,11 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
 )
 
-from ich_model.labels import LABELS, NOT_FOR_DIAGNOSIS, SHORT_NAMES, UNTRAINED_WARNING
+from ich_model.labels import LABELS, NOT_FOR_DIAGNOSIS, SHORT_NAMES
 from ich_model.series import CTSeries
 from ich_model.weights import WeightsError
 from viewer.qt_pacs_tasks import import_engine, track_thread
-from viewer.qt_theme import ERROR, LABEL_COLORS, MUTED, WARNING
+from viewer.qt_theme import ERROR, LABEL_COLORS, MUTED, WARNING, add_model_header
 from viewer.workers import (
     _collector_paused,
     _import_predictor,
@@ -450,22 +450,7 @@ class QtBatchDialog(QDialog):
         layout = QVBoxLayout(self)
         layout.setSpacing(8)
 
-        notice = QLabel(NOT_FOR_DIAGNOSIS)
-        notice.setObjectName("notice")
-        bold = QFont(notice.font())
-        bold.setBold(True)
-        notice.setFont(bold)
-        layout.addWidget(notice)
-        self.untrained_label = QLabel(UNTRAINED_WARNING)
-        self.untrained_label.setObjectName("untrainedWarning")
-        self.untrained_label.setWordWrap(True)
-        self.untrained_label.setVisible(False)
-        layout.addWidget(self.untrained_label)
-        self.model_label = QLabel("")
-        self.model_label.setObjectName("modelStatus")
-        self.model_label.setWordWrap(True)
-        self.model_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        layout.addWidget(self.model_label)
+        self.untrained_label, self.model_label = add_model_header(layout)
 
         grid = QGridLayout()
         grid.setHorizontalSpacing(8)

@@ -8,7 +8,7 @@ series' warnings; and, for untrained weights, a warning nobody can miss.
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QColor, QFont, QIcon, QPixmap
+from PySide6.QtGui import QColor, QIcon, QPixmap
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -27,9 +27,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ich_model.labels import LABELS, NOT_FOR_DIAGNOSIS, SHORT_NAMES, UNTRAINED_WARNING
+from ich_model.labels import LABELS, SHORT_NAMES
 from viewer.overlay import format_percent
-from viewer.qt_theme import LABEL_COLORS, MUTED
+from viewer.qt_theme import LABEL_COLORS, MUTED, add_model_header
 from viewer.scores import LiveScores, compact_ranges
 
 
@@ -55,25 +55,7 @@ class QtFindingsPanel(QWidget):
         layout.setContentsMargins(8, 8, 8, 8)
         layout.setSpacing(6)
 
-        notice = QLabel(NOT_FOR_DIAGNOSIS)
-        notice.setObjectName("notice")
-        notice.setWordWrap(True)
-        font = QFont(notice.font())
-        font.setBold(True)
-        notice.setFont(font)
-        layout.addWidget(notice)
-
-        self.untrained_label = QLabel(UNTRAINED_WARNING)
-        self.untrained_label.setObjectName("untrainedWarning")
-        self.untrained_label.setWordWrap(True)
-        self.untrained_label.setVisible(False)
-        layout.addWidget(self.untrained_label)
-
-        self.status_label = QLabel("Model: not started")
-        self.status_label.setObjectName("modelStatus")
-        self.status_label.setWordWrap(True)
-        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        layout.addWidget(self.status_label)
+        self.untrained_label, self.status_label = add_model_header(layout, "Model: not started")
 
         row = QHBoxLayout()
         row.addWidget(QLabel("Threshold"))

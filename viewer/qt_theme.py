@@ -3,8 +3,11 @@ and the one colour per subtype that every view of the results shares."""
 
 from __future__ import annotations
 
-from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import QApplication
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QColor, QFont, QPalette
+from PySide6.QtWidgets import QApplication, QBoxLayout, QLabel
+
+from ich_model.labels import NOT_FOR_DIAGNOSIS, UNTRAINED_WARNING
 
 #: One colour per label, Okabe-Ito based (distinguishable with the common colour-vision
 #: deficiencies), brightened for a dark background. "any" is white: it is the sum of the rest.
@@ -78,3 +81,29 @@ def apply_dark_theme(app: QApplication) -> None:
         QLabel#modelError {{ color: {ERROR}; }}
         """
     )
+
+
+def add_model_header(layout: QBoxLayout, status: str = "") -> tuple[QLabel, QLabel]:
+    """The lines every view that shows probabilities opens with: "not for diagnostic use",
+    the untrained-weights warning (hidden until needed) and a selectable model status line.
+
+    Returns (untrained warning, status line).
+    """
+    notice = QLabel(NOT_FOR_DIAGNOSIS)
+    notice.setObjectName("notice")
+    notice.setWordWrap(True)
+    font = QFont(notice.font())
+    font.setBold(True)
+    notice.setFont(font)
+    layout.addWidget(notice)
+    untrained = QLabel(UNTRAINED_WARNING)
+    untrained.setObjectName("untrainedWarning")
+    untrained.setWordWrap(True)
+    untrained.setVisible(False)
+    layout.addWidget(untrained)
+    status_label = QLabel(status)
+    status_label.setObjectName("modelStatus")
+    status_label.setWordWrap(True)
+    status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    layout.addWidget(status_label)
+    return untrained, status_label
