@@ -375,6 +375,29 @@ def test_close_while_the_model_loads(qtbot, make_window, small, tiny_weights):
     assert all(not t.isRunning() for t in threads)
 
 
+@pytest.mark.slow
+def test_a_series_that_comes_before_the_model_load_is_scored_after_it(qtbot, small, tiny_weights):
+    """A small study can be read before the window's start-up timer asks for the model:
+    the worker keeps the job and scores it once the model is loaded (CI saw this race)."""
+    from ich_model.dicom_io import load_series, scan
+    from viewer.workers import ModelWorker, start_thread, stop_thread
+
+    series = load_series(scan([small])[0])
+    worker = ModelWorker(batch_size=8)
+    errors: list[str] = []
+    worker.jobErrored.connect(lambda job, msg: errors.append(msg))
+    thread = start_thread(worker, "ich-model-test")
+    try:
+        with qtbot.waitSignal(worker.jobFinished, timeout=WAIT_MS) as done:
+            worker.score(series)  # queued before the load request
+            worker.load_model(tiny_weights)
+        assert not errors
+        assert done.args[1].shape == (series.n_slices, len(LABELS)) and done.args[2] is True
+    finally:
+        worker.stop()
+        stop_thread(thread)
+
+
 # ----------------------------------------------------------------------------- panels, files
 
 

@@ -125,6 +125,7 @@ class QtMainWindow(QMainWindow):
         self._manifest: Manifest | None = None
         self._weights_path: Path | None = None
         self._model_state = "loading"  # loading | ready | failed | off
+        self._model_requested = False
         self._model_problem = ""
         self._model_info: dict[str, Any] | None = None
         self._scores: LiveScores | None = None
@@ -161,7 +162,8 @@ class QtMainWindow(QMainWindow):
         self.model_worker.jobErrored.connect(self._on_job_error)
         self.model_worker.gradcamComputed.connect(self._on_gradcam)
         self.model_worker.gradcamErrored.connect(self._on_gradcam_error)
-        if self._model_state == "loading" and load_model:
+        self._threads_started_model = self._model_state == "loading" and load_model
+        if self._threads_started_model:
             self._threads.append(start_thread(self.model_worker, "ich-model", self))
             # After the first paint: importing the model runtime must not delay the window.
             QTimer.singleShot(50, self._start_model)
@@ -439,7 +441,8 @@ class QtMainWindow(QMainWindow):
             action.setEnabled(False)
 
     def _start_model(self) -> None:
-        if not self._closed and self._model_state == "loading":
+        if not self._closed and self._model_state == "loading" and not self._model_requested:
+            self._model_requested = True
             self.findings.set_status("Model: loading TensorFlow and the weights…")
             self.model_worker.load_model(self._weights_path)
 
@@ -625,6 +628,8 @@ class QtMainWindow(QMainWindow):
             )
             self.findings.set_status(f"Model: {self._score_note}", error=True)
         elif self._model_state in ("loading", "ready"):
+            if self._threads_started_model and not self._model_requested:
+                self._start_model()  # a series came before the start-up timer: load first
             self._scores = LiveScores.empty(s.n_slices)
             self._score_job = self.model_worker.score(s)
             self.model_progress.setRange(0, s.n_slices)

@@ -315,6 +315,8 @@ class ModelWorker(QObject):
         self._batch_size = batch_size
         self._predictor: _Predictor | None = None
         self._load_error = ""
+        self._load_attempted = False
+        self._deferred_score: tuple[int, CTSeries] | None = None
         self._last_job = 0
         self._wanted_job = 0
         self._stopping = False
@@ -362,6 +364,7 @@ class ModelWorker(QObject):
         if self._stopping:
             return
         lower_thread_priority()
+        self._load_attempted = True
         where = str(weights) if weights else "the bundled weights"
         try:
             with _collector_paused(freeze=True):
@@ -372,17 +375,25 @@ class ModelWorker(QObject):
         except Exception as exc:  # TensorFlow, h5py, memory: the message names the file
             log.exception("cannot load the model from %s", where)
             self._load_error = f"{where}: cannot load the model ({type(exc).__name__}: {exc})"
+        deferred, self._deferred_score = self._deferred_score, None
         if self._predictor is None:
             self.modelErrored.emit(self._load_error)
-            return
-        self.modelLoaded.emit(self._predictor.identity.to_dict())
-        self._serve_gradcam()
+        else:
+            self.modelLoaded.emit(self._predictor.identity.to_dict())
+            self._serve_gradcam()
+        if deferred is not None:
+            self._score(*deferred)
 
     @Slot(int, object)
     def _score(self, job: int, series: CTSeries) -> None:
         if job != self._wanted_job or self._stopping:
             return
         predictor = self._predictor
+        if predictor is None and not self._load_attempted:
+            # The series arrived before the load request (a small study read within the
+            # window's start-up delay): score it as soon as the model is loaded.
+            self._deferred_score = (job, series)
+            return
         if predictor is None:
             self.jobErrored.emit(job, self._load_error or "the model is not loaded")
             return
