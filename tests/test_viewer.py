@@ -640,3 +640,24 @@ def test_the_model_runtime_is_imported_off_the_gui_thread(tmp_path, small, tiny_
         cwd=ROOT,
     )
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_heat_map_with_the_tensorflow_runtime_does_not_hang(small, tiny_weights, tmp_path):
+    """Grad-CAM, then the first scoring call, both tracing a ``tf.function`` on the model
+    thread: this deadlocked (the model thread waited for the GIL it held) until worker
+    threads kept one Python thread state for life (``viewer.workers.pin_thread_state``)."""
+    env = _env()
+    env.update(QT_QPA_PLATFORM="offscreen", ICH_RUNTIME="tensorflow")
+    out = tmp_path / "heat.png"
+    args = [str(small), "--weights", str(tiny_weights), "--screenshot", str(out), "--heatmap"]
+    run = subprocess.run(
+        [sys.executable, "-m", "viewer.app", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert cv2.imread(str(out)) is not None

@@ -12,6 +12,7 @@ first use, normally here on the DICOM thread, so the window never waits for it.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 
 import cv2
 import numpy as np
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
 from ich_model.series import CTSeries, SeriesInfo, SeriesLoadError
 from ich_model.weights import WeightsError
@@ -37,11 +38,43 @@ log = logging.getLogger(__name__)
 THUMBNAIL_SIZE = 96
 
 
+_pin = threading.local()
+
+
+def pin_thread_state() -> None:
+    """Give this Qt thread one Python thread state for its whole life.
+
+    PySide creates a fresh Python thread state for every slot call on a QThread and
+    deletes it afterwards. TensorFlow's pybind11 code caches the thread state it saw
+    per OS thread; the next slot then ran with a new state while TensorFlow used the
+    deleted one (whose memory a new thread had reused): the model thread waited for
+    the GIL it already held, tracing its first ``tf.function`` after a Grad-CAM
+    (gdb: ``take_gil`` under ``PyGraph::version_def``). Holding one extra
+    ``PyGILState_Ensure`` keeps the same state from the thread's start to its end.
+    """
+    if getattr(_pin, "state", None) is None:
+        _pin.state = ctypes.pythonapi.PyGILState_Ensure()
+
+
+def unpin_thread_state() -> None:
+    """Undo :func:`pin_thread_state`, on the same thread, as it finishes."""
+    state = getattr(_pin, "state", None)
+    if state is not None:
+        _pin.state = None
+        ctypes.pythonapi.PyGILState_Release(state)
+
+
 def start_thread(worker: QObject, name: str, parent: QObject | None = None) -> QThread:
-    """Move ``worker`` to a new running QThread; the worker is deleted when the thread ends."""
+    """Move ``worker`` to a new running QThread; the worker is deleted when the thread ends.
+
+    The thread keeps one Python thread state while it runs (:func:`pin_thread_state`).
+    """
     thread = QThread(parent)
     thread.setObjectName(name)
     worker.moveToThread(thread)
+    direct = Qt.ConnectionType.DirectConnection  # run in the new thread itself
+    thread.started.connect(pin_thread_state, direct)
+    thread.finished.connect(unpin_thread_state, direct)
     thread.finished.connect(worker.deleteLater)
     thread.start()
     return thread
