@@ -234,7 +234,7 @@ def in_process(args: argparse.Namespace, weights: Path, study: Path) -> None:
     seconds = run_until(lambda: not window.is_busy(), 900)
     cam = meter.stop()
     print(
-        f"first Grad-CAM ({seconds:.1f} s, includes building the Keras model): longest stall "
+        f"first Grad-CAM ({seconds:.1f} s, includes opening its ONNX session): longest stall "
         f"{cam['max_ms']:.0f} ms (p99 {cam['p99_ms']:.0f} ms)"
     )
     window.set_slice(n // 2 + 1)

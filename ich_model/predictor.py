@@ -128,6 +128,7 @@ class Predictor:
         self._backend = loaded.backend
         self._keras_model: Any = loaded.keras_model  # built lazily for Grad-CAM otherwise
         self._gradcam_fn: Any = None
+        self._onnx_cam: Any = None  # OnnxGradcam, or False once it proved unavailable
         self._tf: Any = None
         self.runtime = self._backend.description
         name = str(manifest.architecture.get("name", "xception_lstm"))
@@ -215,6 +216,9 @@ class Predictor:
     def gradcam(self, hu_slice: np.ndarray, label: str = "any") -> np.ndarray:
         """Where the model looked for ``label`` on one slice: a heat map in [0, 1] at the
         slice's own size (Grad-CAM, Selvaraju et al. 2017, on the last convolutional block)."""
+        cam = self._onnx_gradcam(hu_slice, label)
+        if cam is not None:
+            return cam
         if self._gradcam_fn is None:
             from ich_model.model import gradcam_model
             from ich_model.runtime import build_keras
@@ -239,9 +243,38 @@ class Predictor:
         x = model_input(hu_slice, self.input_size, self.hu_range)[None]
         tf = self._tf
         cam = np.asarray(self._gradcam_fn(tf.constant(x), tf.constant(k)), dtype=np.float32)
-        if cam.max() > 0:
-            cam = cam / cam.max()
-        import cv2
+        return _heat_map(cam, hu_slice.shape)
 
-        h, w = hu_slice.shape
-        return np.clip(cv2.resize(cam, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    def _onnx_gradcam(self, hu_slice: np.ndarray, label: str) -> np.ndarray | None:
+        """Grad-CAM through the float32 ONNX model and a numpy head (no TensorFlow), or None
+        when this model or runtime cannot take that path (see :mod:`ich_model.gradcam`)."""
+        from ich_model.gradcam import GradcamUnavailable, OnnxGradcam
+
+        if self._onnx_cam is False or (self._onnx_cam is None and self._keras_model is not None):
+            return None  # TensorFlow is loaded already (its runtime, or an earlier fallback)
+        try:
+            if self._onnx_cam is None:
+                from ich_model.runtime import find_cached
+
+                path = find_cached(self.manifest, self.weights_path, "float32")
+                if path is None:
+                    raise GradcamUnavailable("no converted float32 ONNX model")
+                timesteps = int(self.manifest.architecture.get("timesteps", 32))
+                self._onnx_cam = OnnxGradcam(path, self.weights_path, timesteps)
+            x = model_input(hu_slice, self.input_size, self.hu_range)
+            cam = self._onnx_cam(x, LABELS.index(label))
+        except GradcamUnavailable as exc:
+            log.info("Grad-CAM through TensorFlow: %s", exc)
+            self._onnx_cam = False
+            return None
+        return _heat_map(cam, hu_slice.shape)
+
+
+def _heat_map(cam: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A class-activation map scaled to [0, 1] and resized to the slice."""
+    import cv2
+
+    if cam.max() > 0:
+        cam = cam / cam.max()
+    h, w = shape
+    return np.clip(cv2.resize(cam, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)

@@ -24,7 +24,7 @@ def _series(n: int = 11, size: int = 48) -> CTSeries:
 
 
 @pytest.fixture(scope="module")
-def predictor(tiny_weights):
+def predictor(tiny_weights, model_cache):
     return Predictor(tiny_weights, batch_size=4)
 
 
@@ -78,3 +78,77 @@ def test_scores_a_loaded_dicom_series(predictor, tmp_path):
     ct_series(tmp_path, n=5)
     [s] = load_study(tmp_path)
     assert predictor.score_series(s).probabilities.shape == (5, 6)
+
+
+# ----------------------------------------------------------------------------- Grad-CAM paths
+
+
+def test_head_gradient_matches_finite_differences(tiny_weights):
+    from ich_model.gradcam import Head
+
+    head = Head.from_weights_file(tiny_weights, timesteps=32)
+    g = np.random.default_rng(1).uniform(0, 2, head.features)
+    for label in (0, 5):
+        grad, y = head.gradient(g, label)
+        assert np.allclose(y, head.forward(g)[0])
+        for c in (0, 7, head.features // 2, head.features - 1):
+            e = np.zeros_like(g)
+            e[c] = 1e-5
+            numeric = (head.forward(g + e)[0][label] - head.forward(g - e)[0][label]) / 2e-5
+            assert abs(numeric - grad[c]) < 1e-7 + 1e-4 * abs(numeric)
+
+
+def test_gradcam_through_onnx_equals_tensorflow(predictor, tiny_weights):
+    from ich_model.gradcam import OnnxGradcam
+
+    hu = _series(1, 80).hu[0]
+    onnx_maps = [predictor.gradcam(hu, lab) for lab in LABELS]
+    assert isinstance(predictor._onnx_cam, OnnxGradcam)  # no TensorFlow for the map
+    tf_path = Predictor(tiny_weights, batch_size=4)
+    tf_path._onnx_cam = False
+    for lab, cam in zip(LABELS, onnx_maps, strict=True):
+        assert np.allclose(cam, tf_path.gradcam(hu, lab), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_scoring_and_gradcam_never_import_tensorflow(predictor, tiny_weights, model_cache):
+    """With the converted model cached, the viewer's model thread needs no TensorFlow."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from ich_model.predictor import Predictor;"
+        f"p = Predictor({str(tiny_weights)!r});"
+        "hu = np.full((64, 64), 40, np.float32);"
+        "p.predict_hu(hu[None]); p.gradcam(hu, 'any');"
+        "sys.exit(3 if 'tensorflow' in sys.modules else 0)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_gradcam_of_the_bundled_model_on_real_bleeds():
+    import csv
+
+    import cv2
+
+    from ich_model.windowing import uint8_to_hu
+    from tests.dicomfactory import SHARED_DATA
+
+    folder = SHARED_DATA / "rsna-png"
+    if not (folder / "labels.csv").is_file():
+        pytest.skip("needs ../shared/data/rsna-png")
+    with open(folder / "labels.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["any"] == "1"][:3]
+    onnx_path, tf_path = Predictor(), Predictor()
+    tf_path._onnx_cam = False
+    shown = 0
+    for r in rows:
+        img = cv2.imread(str(folder / "images" / f"{r['ID']}.png"), cv2.IMREAD_GRAYSCALE)
+        hu = uint8_to_hu(img, 0.0, 80.0)
+        cam = onnx_path.gradcam(hu, "any")
+        assert np.allclose(cam, tf_path.gradcam(hu, "any"), atol=1e-4)
+        shown += bool(cam.max() > 0)
+    assert shown >= 1  # the model looked somewhere on at least one bleed
