@@ -16,6 +16,10 @@ the untrained-weights warning when it applies.
 Finding codes: SNOMED CT where the concept could be checked (1386000 intracranial, 274100004
 cerebral, 21454007 subarachnoid, 35486000 subdural hemorrhage); epidural and intraventricular
 hemorrhage use the local scheme ``99ICH``, declared in CodingSchemeIdentificationSequence.
+No source we can trust confirms SNOMED CT codes for those two: pydicom's SR dictionaries
+(which hold 1386000) and the DICOM context groups they mirror have neither, and open projects
+disagree (docs/PACS.md, "The report's finding codes"). A wrong code in a PACS is worse than
+a local one, which a reader at least knows to look up.
 Patient names and IDs are copied into the files, never logged, and never passed to highdicom
 (its validators would log them).
 """

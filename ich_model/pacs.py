@@ -30,6 +30,7 @@ import os
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -604,6 +605,60 @@ def no_delay(event: Any) -> None:
         log.debug("could not set TCP_NODELAY: %s", exc)
 
 
+class _ReactorCheckpoint:
+    """A stand-in for pynetdicom's ``Association._reactor_checkpoint`` whose pause holds.
+
+    pynetdicom runs a reactor thread per association that takes any incoming DIMSE message
+    no request is waiting for. Each request pauses it first (``clear()``, then spin until
+    the reactor's ``_is_paused`` is true), sends, waits for the answer and calls ``set()``.
+    But ``_is_paused`` is still true from the last pause while the reactor, woken by that
+    ``set()``, has not run yet, so on a busy CPU the next request goes out at once; if its
+    answer arrives before the reactor polls its queue, the reactor takes it, logs "Received
+    unexpected C-STORE service message" and drops it, and the request waits out the DIMSE
+    timeout (issue 10; pynetdicom issue #875 shows the same warning for C-FINDs in a row).
+    TCP_NODELAY and our large PDUs only made answers fast enough to hit that window more often.
+
+    Here ``clear()`` returns only once the reactor is blocked on the cleared checkpoint, and
+    a reactor woken by ``set()`` that finds it cleared again stays blocked, so the pause
+    pynetdicom spins for is real. :func:`_association` installs it on every association we
+    request, before anything else uses it.
+    """
+
+    def __init__(self, reactor: threading.Thread) -> None:
+        self._reactor = reactor
+        self._cond = threading.Condition()
+        self._open = True
+        self._parked = False  # the reactor is blocked in wait() on a cleared checkpoint
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def set(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._open = False
+            if threading.current_thread() is self._reactor:
+                return  # pynetdicom's reactor releasing on its network timeout
+            # a dead reactor never parks (pynetdicom then fakes _is_paused itself)
+            while not self._parked and self._reactor.is_alive():
+                self._cond.wait(0.01)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            if threading.current_thread() is not self._reactor:
+                return self._cond.wait_for(lambda: self._open, timeout)
+            self._parked = True
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: self._open, timeout)
+            finally:
+                self._parked = False
+
+
 @contextlib.contextmanager
 def _association(
     node: PacsNode,
@@ -651,6 +706,8 @@ def _association(
         seconds = time.monotonic() - t0
         why = _why_no_association(node, assoc, state, seconds, errors.for_assoc(assoc))
         raise PacsError(node.name, why)
+    # the reactor only ever found pynetdicom's checkpoint set, so it is not waiting on it
+    assoc._reactor_checkpoint = _ReactorCheckpoint(assoc)  # type: ignore[assignment]
     ok = False
     try:
         yield assoc
@@ -688,9 +745,10 @@ def echo(node: PacsNode) -> float:
     """C-ECHO the node; returns the round trip in seconds (association included)."""
     t0 = time.perf_counter()
     with _association(node, [build_context(VERIFICATION)]) as assoc:
+        asked = time.monotonic()
         status = assoc.send_c_echo()
         if not status or "Status" not in status:
-            raise _lost(node, assoc, "C-ECHO")
+            raise _lost(node, assoc, "C-ECHO", time.monotonic() - asked)
         if int(status.Status) != 0:
             raise PacsError(node.name, f"answered C-ECHO with status 0x{int(status.Status):04X}")
     seconds = time.perf_counter() - t0
@@ -1180,16 +1238,15 @@ def send(
         for k, (path, _sop_class, _ts) in enumerate(plan):
             if cancelled is not None and cancelled():
                 raise PacsCancelled(node.name, f"sending cancelled after {sent} of {len(plan)}")
+            asked = time.monotonic()
             try:
                 status = assoc.send_c_store(path, msg_id=(k % 65535) + 1)
             except (ValueError, AttributeError) as exc:
                 failures.append(f"{path.name}: {exc}")
                 continue
             if not status or "Status" not in status:
-                raise PacsError(
-                    node.name,
-                    f"{_lost(node, assoc, 'C-STORE').reason} after {sent} of {len(plan)} file(s)",
-                )
+                lost = _lost(node, assoc, "C-STORE", time.monotonic() - asked)
+                raise PacsError(node.name, f"{lost.reason} after {sent} of {len(plan)} file(s)")
             code = int(status.Status)
             category = code_to_category(code)
             if category == "Success":

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, SecondaryCaptureImageStorage
 
 from ich_model import __version__
@@ -204,6 +205,24 @@ def test_sr_holds_series_and_slice_findings(series, tmp_path, trained):
     assert refs.SeriesInstanceUID == series.series_uid
     assert {r.ReferencedSOPInstanceUID for r in refs.ReferencedSOPSequence} == set(series.sop_uids)
     assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99ICH"
+
+
+def test_finding_codes_are_snomed_where_confirmed_and_local_elsewhere():
+    """Issue 10: epidural and intraventricular hemorrhage keep local codes, because no
+    trustworthy source confirms SNOMED CT codes for them (docs/PACS.md)."""
+    coded = {
+        lab: (FINDING_CODES[lab].scheme_designator, FINDING_CODES[lab].value) for lab in LABELS
+    }
+    assert coded == {
+        "epidural": ("99ICH", "EDH"),
+        "intraparenchymal": ("SCT", "274100004"),
+        "intraventricular": ("99ICH", "IVH"),
+        "subarachnoid": ("SCT", "21454007"),
+        "subdural": ("SCT", "35486000"),
+        "any": ("SCT", "1386000"),
+    }
+    # the one of ours that pydicom's SR dictionary (DICOM PS3.16) holds, with our meaning
+    assert codes.SCT.IntracranialHemorrhage.value == FINDING_CODES["any"].value
 
 
 def test_threshold_argument_overrides_the_model(series, tmp_path):

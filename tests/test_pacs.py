@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 
 from ich_model import pacs, pacs_store
 from ich_model.labels import LABELS
@@ -792,6 +794,55 @@ def test_round_trip_retrieve_score_send_results_and_read_them_back(
     assert keys and all(
         k.SourceImageSequence[0].ReferencedSOPInstanceUID in s.sop_uids for k in keys
     )
+
+
+def _deschedule_our_threads(monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
+    """Act out a busy CPU on our side of each association we request, as in issue 10:
+    pynetdicom's reactor thread, woken after a request, runs ``delay`` late, and the thread
+    that sent the next request collects its answer ``2 * delay`` late. Without a pause that
+    holds, the reactor then takes that answer and the request waits out the DIMSE timeout.
+    """
+
+    def is_paused(assoc: Association) -> bool:
+        return bool(assoc.__dict__.get("_is_paused", False))
+
+    def set_paused(assoc: Association, value: bool) -> None:
+        woken = not value and is_paused(assoc) and threading.current_thread() is assoc
+        if woken and assoc.__dict__.get("_mode") == "requestor":
+            time.sleep(delay)
+        assoc.__dict__["_is_paused"] = value
+
+    monkeypatch.setattr(Association, "_is_paused", property(is_paused, set_paused), raising=False)
+    get_msg = DIMSEServiceProvider.get_msg
+
+    def late_get_msg(dimse: DIMSEServiceProvider, block: bool = False) -> Any:
+        if block and dimse.assoc.is_requestor:
+            time.sleep(2 * delay)
+        return get_msg(dimse, block)
+
+    monkeypatch.setattr(DIMSEServiceProvider, "get_msg", late_get_msg)
+
+
+@needs_orthanc
+@pytest.mark.parametrize("cpu", ["idle", "busy"])
+def test_orthanc_takes_a_series_sent_again_and_again(
+    orthanc: Pacs,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    cpu: str,
+) -> None:
+    """Issue 10: C-STOREs in a row stalled for the DIMSE timeout, then failed, now and then."""
+    n = 32
+    s = _phantom(tmp_path / "source", patient_id=f"SEND-{cpu}", n=n)
+    if cpu == "busy":  # makes the stall certain without the fix
+        _deschedule_our_threads(monkeypatch, 0.01)
+    node = replace(orthanc.node, timeout_s=5)
+    for _ in range(3):
+        assert pacs.send(node, s.files).sent == n
+    found = pacs.find_instances(node, s.study_uid, s.series_uid)
+    assert [i.sop_uid for i in found] == list(s.sop_uids)
+    assert "unexpected" not in caplog.text
 
 
 @needs_orthanc
