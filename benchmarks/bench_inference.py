@@ -16,11 +16,15 @@ By default the model is the paper's full-width Xception-LSTM at 299 px with rand
 conversion. Pause other CPU-heavy jobs for stable numbers.
 
     python benchmarks/bench_inference.py [--size 299] [--weights FILE] [--batch-size 8]
-        [--quick] [--no-int8] [--int8-accept DATA_JSON]
+        [--quick] [--no-int8] [--int8-accept [DATA ...]]
 
-``--int8-accept`` also runs the int8 acceptance check (ich_model.runtime.accept_int8) on
-the rsna-png validation slices listed in a training run's data.json, calibrating on other
-rsna-png slices; it records the verdict next to the int8 model.
+The int8 line times the int8 model the runtime would use (shipped next to the weights or
+in the cache, accepted by ``ich-train quantize`` for these weights and this kind of CPU)
+when there is one; otherwise it quantises one for timing only (calibrated on rsna-png or
+phantom slices), and says that it is not accepted. ``--int8-accept`` runs the acceptance
+check itself, with the code of ``ich-train quantize`` (the weights' own validation split,
+rebuilt from their manifest; DATA replaces the recorded folders), and records the verdict
+next to the int8 model in the cache folder.
 """
 
 from __future__ import annotations
@@ -258,11 +262,12 @@ def _rsna_png(ids: list[str], size: int, hu_range: tuple[float, float]) -> np.nd
     return out
 
 
-def child_int8(weights: str, n_calibration: int, data_json: str) -> dict[str, Any]:
-    """Quantise (calibrated on rsna-png or phantom slices) and, with labels, run acceptance."""
-    from ich_model.labels import LABELS
+def child_int8(weights: str, n_calibration: int, accept: bool, data: list[str]) -> dict[str, Any]:
+    """The int8 model to time: with ``accept``, quantised and judged as ``ich-train
+    quantize`` does (into the cache folder); else the accepted one if there is one; else
+    quantised for timing only (calibrated on rsna-png or phantom slices)."""
     from ich_model.runtime import (
-        accept_int8,
+        accepted_int8,
         load_onnx_float32,
         onnx_file_name,
         quantize_int8,
@@ -273,25 +278,25 @@ def child_int8(weights: str, n_calibration: int, data_json: str) -> dict[str, An
     manifest, wpath = read_manifest(weights)
     size, hu_range = manifest.input_size, manifest.hu_range or (0.0, 80.0)
     t0 = time.perf_counter()
-    if data_json and RSNA_PNG.is_dir():
-        val_ids = {
-            g.split(":", 1)[1]
-            for g in json.loads(Path(data_json).read_text())["validation_groups"]
-            if g.startswith("rsna:")
-        }
-        with open(RSNA_PNG / "labels.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-        val = [r for r in rows if r["ID"] in val_ids]
-        calib = [r["ID"] for r in rows if r["ID"] not in val_ids][:n_calibration]
-        y = np.asarray([[float(r[lab]) for lab in LABELS] for r in val], np.float32)
-        report = accept_int8(
+    out: dict[str, Any]
+    if accept:
+        from training.quantize import quantize
+
+        result = quantize(
             manifest,
             wpath,
-            calibration=_rsna_png(calib, size, hu_range),
-            validation=_rsna_png([r["ID"] for r in val], size, hu_range),
-            validation_labels=y,
+            writable_cache_dir(),
+            data=data or None,
+            n_calibration=n_calibration,
+            command="benchmarks/bench_inference.py --int8-accept",
         )
-        out: dict[str, Any] = {"report": report.to_dict(), "calibration": "rsna-png"}
+        out = {
+            "report": result.report.to_dict(),
+            "calibration": "training side of the weights' split",
+            "path": str(result.int8_path),
+        }
+    elif (accepted := accepted_int8(manifest, wpath)) is not None:
+        out = {"report": None, "accepted": str(accepted), "calibration": "accepted model"}
     else:
         if RSNA_PNG.is_dir():
             with open(RSNA_PNG / "labels.csv", newline="") as f:
@@ -309,17 +314,27 @@ def child_int8(weights: str, n_calibration: int, data_json: str) -> dict[str, An
 
 
 def child_int8_speed(weights: str, batch: int, n: int) -> dict[str, Any]:
-    """int8 speed whether or not accepted: the model file straight from the cache."""
-    from ich_model.runtime import OnnxBackend, find_cached
+    """int8 speed: the accepted model (what the app would run) if there is one, else
+    whichever int8 file is there, marked as not accepted."""
+    from ich_model.runtime import OnnxBackend, accepted_int8, find_cached
     from ich_model.weights import read_manifest
 
     manifest, wpath = read_manifest(weights)
-    path = find_cached(manifest, wpath, "int8")
+    path = accepted_int8(manifest, wpath)
+    accepted = path is not None
+    if path is None:
+        path = find_cached(manifest, wpath, "int8")
     if path is None:
         return {"skipped": "no int8 model"}
     backend = OnnxBackend(path, precision="int8")
     sps = _throughput(backend.predict, manifest.input_size, batch, n)
-    return {"slices_per_s": sps, "runtime": backend.description, "peak_mb": peak_mb()}
+    return {
+        "slices_per_s": sps,
+        "runtime": backend.description,
+        "accepted": accepted,
+        "path": str(path),
+        "peak_mb": peak_mb(),
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -407,28 +422,40 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     kinds = ["keras-predict", "tf-function", "onnx-float32"]
     if not args.no_int8:
-        q = _child(["int8", w, str(16 if args.quick else 64), args.int8_accept or ""])
+        accept = args.int8_accept is not None
+        n_cal = (64 if args.quick else 256) if accept else (16 if args.quick else 64)
+        q = _child(["int8", w, str(n_cal), "accept" if accept else "", *(args.int8_accept or [])])
         if "error" in q:
             print(f"int8 quantisation failed: {q['error']}")
         else:
             rep = q.get("report")
-            print(
-                f"int8: quantised in {q['quantise_s']:.0f} s, calibrated on {q['calibration']}"
-                + (
-                    f"; acceptance on {rep['n_slices']} validation slices: AUC(any) "
-                    f"{rep['auc_any_int8']:.4f} vs {rep['auc_any_float32']:.4f}, weighted "
-                    f"log loss {rep['log_loss_int8']:.4f} vs {rep['log_loss_float32']:.4f} -> "
-                    f"{'ACCEPTED' if rep['accepted'] else 'not accepted'} ({rep['reason']})"
-                    if rep
-                    else "; acceptance not run (no --int8-accept)"
+            if q.get("accepted"):
+                print(f"int8: the accepted model {q['accepted']} (ich-train quantize)")
+            else:
+                print(
+                    f"int8: quantised in {q['quantise_s']:.0f} s, calibrated on "
+                    f"{q['calibration']}"
+                    + (
+                        f"; acceptance on {rep['n_slices']} validation slices: AUC(any) "
+                        f"{rep['auc_any_int8']:.4f} vs {rep['auc_any_float32']:.4f}, weighted "
+                        f"log loss {rep['log_loss_int8']:.4f} vs {rep['log_loss_float32']:.4f}"
+                        f" -> {'ACCEPTED' if rep['accepted'] else 'not accepted'} "
+                        f"({rep['reason']})"
+                        if rep
+                        else "; not accepted: timing only (ich-train quantize judges it)"
+                    )
                 )
-            )
             kinds.append("onnx-int8")
     print(f"throughput (best of 5 passes over {n} slices; each line its own process):")
     for batch in (1, bs):
         for kind in kinds:
             if kind == "onnx-int8":
                 r = _child(["int8-speed", w, str(batch), str(max(n, batch))])
+                if "accepted" in r:
+                    kind_name = "onnx-int8" + ("" if r["accepted"] else " (not accepted)")
+                    results[f"{kind}@{batch}"] = r
+                    print(_fmt_speed(f"{kind_name} batch {batch}", r, gflop, mm["gflops"]))
+                    continue
             else:
                 slices = max(n // (4 if kind == "keras-predict" and batch == 1 else 1), batch)
                 r = _child(["speed", kind, w, str(batch), str(slices)])
@@ -498,7 +525,7 @@ def child_main(argv: list[str]) -> int:
     elif kind == "e2e":
         out = child_e2e(rest[0], rest[1], int(rest[2]), rest[3])
     elif kind == "int8":
-        out = child_int8(rest[0], int(rest[1]), rest[2] if len(rest) > 2 else "")
+        out = child_int8(rest[0], int(rest[1]), rest[2:3] == ["accept"], rest[3:])
     elif kind == "make-weights":
         out = {"weights": str(_default_weights(int(rest[0]), Path(rest[1])))}
     elif kind == "int8-speed":
@@ -522,9 +549,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-int8", action="store_true", help="skip quantising and timing int8")
     p.add_argument(
         "--int8-accept",
-        default="",
-        metavar="DATA_JSON",
-        help="run the int8 acceptance check on the rsna-png validation slices of this run",
+        nargs="*",
+        default=None,
+        metavar="DATA",
+        help="run the int8 acceptance check of ich-train quantize (the weights' own "
+        "validation split; DATA replaces the folders their manifest records) and record the "
+        "verdict in the cache folder",
     )
     p.add_argument("--json", default="", help="also write every measurement here")
     return run(p.parse_args(argv))

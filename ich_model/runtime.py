@@ -13,8 +13,10 @@ Choosing: ``runtime=`` (or the ``ICH_RUNTIME`` environment variable) is one of
 :data:`RUNTIME_CHOICES`. ``auto`` takes TensorFlow when a GPU is present and ONNX Runtime
 otherwise; a failed conversion falls back to TensorFlow with a logged warning. The
 int8 model (static quantisation, calibrated on real slices) is used only after
-:func:`accept_int8` has measured it against float32 on labelled validation slices and
-found it within tolerance; its record lives next to the int8 file.
+:func:`accept_int8` (run by ``ich-train quantize``) has measured it against float32 on the
+weights' own validation slices and found it within tolerance: its record, next to the
+int8 file, names the weights' hash and the kind of CPU (:func:`cpu_key`) it holds for;
+anywhere else float32 is used, and the log says why.
 
 This module imports neither TensorFlow nor ONNX Runtime at import time.
 """
@@ -29,9 +31,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -423,32 +425,61 @@ def load_onnx_float32(
 
 
 def int8_record_path(onnx_path: Path) -> Path:
+    """The acceptance record that sits next to an int8 model (``*.acceptance.json``)."""
     return onnx_path.with_name(onnx_path.name[: -len(".onnx")] + ".acceptance.json")
+
+
+def _int8_verdict(manifest: Manifest, path: Path) -> tuple[int, str] | None:
+    """Why the int8 model at ``path`` may not be used here, with the log level it deserves
+    (expected situations are information, a rejected or altered model a warning); None
+    when it may be used."""
+    record = int8_record_path(path)
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return logging.INFO, f"{record}: no readable acceptance record ({exc})"
+    if data.get("weights_sha256") != manifest.sha256:
+        sha = str(data.get("weights_sha256"))[:12]
+        return logging.WARNING, f"{record}: measured for other weights ({sha})"
+    if not data.get("accepted"):
+        reason = data.get("reason", "")
+        return logging.WARNING, f"{record}: int8 was measured and not accepted ({reason})"
+    if data.get("cpu") != cpu_key():
+        return logging.INFO, (
+            f"{record}: accepted on a {data.get('cpu')} CPU only; this one is {cpu_key()} "
+            "(run `ich-train quantize` on this kind of CPU to measure it here)"
+        )
+    if data.get("int8_sha256") != sha256_file(path):
+        return logging.WARNING, f"{record}: the int8 model changed after it was accepted"
+    return None
 
 
 def accepted_int8(
     manifest: Manifest, weights_path: Path, environ: Mapping[str, str] = os.environ
 ) -> Path | None:
-    """The int8 model, if :func:`accept_int8` accepted it for these weights on this kind of CPU."""
-    path = find_cached(manifest, weights_path, "int8", environ)
-    if path is None:
-        return None
-    record = int8_record_path(path)
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        log.warning("%s: no readable int8 acceptance record (%s)", record, exc)
-        return None
-    if not data.get("accepted"):
-        log.warning("%s: int8 was measured and not accepted: %s", record, data.get("reason", ""))
-        return None
-    if data.get("weights_sha256") != manifest.sha256 or data.get("cpu") != cpu_key():
-        log.warning("%s: accepted for other weights or another kind of CPU", record)
-        return None
-    if data.get("int8_sha256") != sha256_file(path):
-        log.warning("%s: the int8 model changed after it was accepted", record)
-        return None
-    return path
+    """The int8 model, if ``ich-train quantize`` accepted it for these weights on this kind
+    of CPU: next to the weights (shipped) or in a cache folder, the first accepted one.
+
+    Why not: logged (a rejected or altered model as a warning, a missing one or another
+    kind of CPU as information), and the caller uses float32.
+    """
+    name = onnx_file_name(manifest, "int8")
+    found = False
+    for folder in [Path(weights_path).parent, *cache_dirs(environ)]:
+        path = folder / name
+        if not path.is_file():
+            continue
+        found = True
+        verdict = _int8_verdict(manifest, path)
+        if verdict is None:
+            return path
+        log.log(verdict[0], "%s: using float32", verdict[1])
+    if not found:
+        log.info(
+            "no int8 model for weights %s (next to them or in the cache): using float32",
+            manifest.short_hash,
+        )
+    return None
 
 
 def load_backend(
@@ -484,7 +515,7 @@ def load_backend(
         if choice == "onnx-int8":
             log.warning(
                 "int8 requested but no accepted int8 model for weights %s: using float32 "
-                "(run ich_model.runtime.accept_int8 first)",
+                "(`ich-train quantize` measures and records one)",
                 manifest.short_hash,
             )
     try:
@@ -587,7 +618,11 @@ def quantize_int8(
 
 @dataclass(frozen=True)
 class Int8Report:
-    """float32 vs int8 on labelled validation slices; ``accepted`` by the tolerances."""
+    """float32 vs int8 on labelled validation slices; ``accepted`` by the tolerances.
+
+    The speeds (slices/s at ``batch``) are measured on the same pass, the two models
+    taking turns batch by batch so that both see the same load; None when not measured.
+    """
 
     n_slices: int
     auc_any_float32: float
@@ -597,6 +632,11 @@ class Int8Report:
     max_abs_diff: float
     accepted: bool
     reason: str
+    batch: int | None = None
+    slices_per_s_float32: float | None = None
+    slices_per_s_int8: float | None = None
+    threshold: float | None = None
+    any_calls_changed: int | None = None  # slices whose "any" call at ``threshold`` differs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -640,6 +680,115 @@ def int8_acceptance(
     )
 
 
+def compare_int8(
+    float_backend: Backend,
+    int8_backend: Backend,
+    validation: np.ndarray,
+    validation_labels: np.ndarray,
+    batch: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+    threshold: float | None = None,
+) -> Int8Report:
+    """Both models on every validation slice, taking turns batch by batch, judged by
+    :func:`int8_acceptance` with the module's tolerances as they are at call time; with
+    ``threshold`` (the operating one), also how many "any" calls int8 changes.
+
+    Speed: slices/s from the median time of a full batch (the first one warms up), so
+    that bursts of other work on a shared machine move it less than a total would.
+    """
+    n = len(validation)
+    p_f = np.zeros((n, 6), np.float32)
+    p_q = np.zeros((n, 6), np.float32)
+    t_f: list[float] = []
+    t_q: list[float] = []
+    for start in range(0, n, batch):
+        x = np.ascontiguousarray(validation[start : start + batch], dtype=np.float32)
+        t0 = time.perf_counter()
+        p_f[start : start + len(x)] = float_backend.predict(x)
+        t1 = time.perf_counter()
+        p_q[start : start + len(x)] = int8_backend.predict(x)
+        t2 = time.perf_counter()
+        if start > 0 and len(x) == batch:  # the first batch warms up; a short last one is off
+            t_f.append(t1 - t0)
+            t_q.append(t2 - t1)
+        if progress is not None:
+            progress(start + len(x), n)
+    report = int8_acceptance(
+        np.asarray(validation_labels, np.float32),
+        p_f,
+        p_q,
+        auc_tolerance=INT8_AUC_TOLERANCE,
+        log_loss_relative=INT8_LOG_LOSS_RELATIVE,
+    )
+    from ich_model.labels import LABELS
+
+    k = LABELS.index("any")
+    changed = (
+        int(((p_f[:, k] >= threshold) != (p_q[:, k] >= threshold)).sum())
+        if threshold is not None
+        else None
+    )
+    return replace(
+        report,
+        batch=batch,
+        slices_per_s_float32=batch / float(np.median(t_f)) if t_f else None,
+        slices_per_s_int8=batch / float(np.median(t_q)) if t_q else None,
+        threshold=threshold,
+        any_calls_changed=changed,
+    )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def write_int8_record(
+    int8_path: Path,
+    manifest: Manifest,
+    report: Int8Report,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The verdict next to the int8 file: what :func:`accepted_int8` checks (weights hash,
+    the int8 file's hash, the kind of CPU) and what the model card shows."""
+    import datetime
+
+    import onnxruntime as ort
+
+    record: dict[str, Any] = {
+        **report.to_dict(),
+        "weights_sha256": manifest.sha256,
+        "int8_file": int8_path.name,
+        "int8_sha256": sha256_file(int8_path),
+        "cpu": cpu_key(),
+        "cpu_model": _cpu_model(),
+        "cores": physical_cores(),
+        "onnxruntime": ort.__version__,
+        "converter_version": CONVERTER_VERSION,
+        "tolerances": {
+            "auc_any": INT8_AUC_TOLERANCE,
+            "weighted_log_loss_relative": INT8_LOG_LOSS_RELATIVE,
+        },
+        "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    record = {
+        k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in record.items()
+    }
+    path = int8_record_path(int8_path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return record
+
+
 def accept_int8(
     manifest: Manifest,
     weights_path: Path,
@@ -647,36 +796,43 @@ def accept_int8(
     validation: np.ndarray,
     validation_labels: np.ndarray,
     environ: Mapping[str, str] = os.environ,
+    out_dir: Path | None = None,
+    extra: Mapping[str, Any] | None = None,
+    batch: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+    threshold: float | None = None,
 ) -> Int8Report:
     """Quantise, measure against float32 and record the verdict next to the int8 file.
 
-    ``calibration`` and ``validation`` are model inputs of different slices;
-    ``validation_labels`` is ``[n, 6]`` in LABELS order. Only an accepted record makes
-    ``auto`` and ``onnx-int8`` use the int8 model.
+    ``calibration`` and ``validation`` are model inputs of different slices (calibrate on
+    the training side of the split, validate on its held-out side); ``validation_labels``
+    is ``[n, 6]`` in LABELS order. The int8 file and its record go to ``out_dir`` (default:
+    the writable cache folder); ``extra`` is added to the record. Only an accepted record
+    for these weights and this kind of CPU makes ``auto`` and ``onnx-int8`` use the model.
     """
     loaded = load_onnx_float32(manifest, weights_path, environ=environ)
     float_backend = loaded.backend
     if not isinstance(float_backend, OnnxBackend):
         raise ConversionError(f"{weights_path}: no float32 ONNX model to quantise")
-    out = writable_cache_dir(environ) / onnx_file_name(manifest, "int8")
+    folder = Path(out_dir) if out_dir is not None else writable_cache_dir(environ)
+    out = folder / onnx_file_name(manifest, "int8")
+    t0 = time.perf_counter()
     quantize_int8(float_backend.path, out, calibration, manifest)
+    quantise_s = time.perf_counter() - t0
     int8 = OnnxBackend(out, precision="int8")  # quantize_int8 removed any older record
-    p_f = _predict_batched(float_backend, validation)
-    p_q = _predict_batched(int8, validation)
-    report = int8_acceptance(np.asarray(validation_labels, np.float32), p_f, p_q)
-    record = {
-        **report.to_dict(),
-        "weights_sha256": manifest.sha256,
-        "int8_sha256": sha256_file(out),
-        "cpu": cpu_key(),
-        "converter_version": CONVERTER_VERSION,
-        "n_calibration": len(calibration),
-    }
-    int8_record_path(out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    report = compare_int8(
+        float_backend, int8, validation, validation_labels, batch, progress, threshold
+    )
+    write_int8_record(
+        out,
+        manifest,
+        report,
+        {
+            "n_calibration": len(calibration),
+            "float32_file": float_backend.path.name,
+            "quantise_s": round(quantise_s, 1),
+            **(extra or {}),
+        },
+    )
     log.info("int8 for weights %s: %s", manifest.short_hash, report.reason)
     return report
-
-
-def _predict_batched(backend: Backend, x: np.ndarray, batch: int = 8) -> np.ndarray:
-    parts = [backend.predict(x[i : i + batch]) for i in range(0, len(x), batch)]
-    return np.concatenate(parts) if parts else np.zeros((0, 6), np.float32)

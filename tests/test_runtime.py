@@ -307,6 +307,60 @@ def test_int8_is_used_only_when_accepted(tmp_path, monkeypatch, caplog):
     assert np.abs(p.predict_inputs(x) - Predictor(w, runtime="onnx").predict_inputs(x)).max() < 0.2
 
 
+class _Fixed:
+    """A backend whose "any" probability is the slice's first pixel (plus ``shift``)."""
+
+    description = "fixed"
+
+    def __init__(self, shift: float = 0.0) -> None:
+        self.shift = shift
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        p = np.clip(x[:, 0, 0, :1] + self.shift, 0.01, 0.99)
+        return np.repeat(p, 6, axis=1).astype(np.float32)
+
+
+def test_compare_int8_times_both_and_counts_changed_calls():
+    rng = np.random.default_rng(1)
+    x = rng.random((20, 4, 4, 3), dtype=np.float32)
+    y = (x[:, 0, 0, :1] > 0.5).astype(np.float32).repeat(6, axis=1)
+    report = runtime.compare_int8(_Fixed(), _Fixed(0.01), x, y, batch=4, threshold=0.5)
+    assert report.n_slices == 20 and report.batch == 4
+    assert report.slices_per_s_float32 and report.slices_per_s_int8
+    p = x[:, 0, 0, 0]
+    assert report.any_calls_changed == int(((p >= 0.5) != (p + 0.01 >= 0.5)).sum())
+    assert report.max_abs_diff == pytest.approx(0.01, abs=1e-6)
+
+
+def test_an_accepted_int8_in_the_cache_wins_over_a_rejected_one_beside_the_weights(
+    tmp_path, monkeypatch, caplog
+):
+    """Every place the runtime looks is checked; each refusal is logged with its reason."""
+    monkeypatch.setenv(runtime.CACHE_ENV, str(tmp_path / "cache"))
+    manifest = Manifest(architecture={"input_size": 64}, sha256="ab" * 32, weights_file="w.h5")
+    weights = tmp_path / "w" / "w.h5"
+    name = runtime.onnx_file_name(manifest, "int8")
+    for folder, accepted in ((weights.parent, False), (tmp_path / "cache", True)):
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(b"int8 " + folder.name.encode())
+        record = {
+            "accepted": accepted,
+            "reason": "within tolerance" if accepted else "AUC(any) 0.80 vs 0.86",
+            "weights_sha256": manifest.sha256,
+            "cpu": runtime.cpu_key(),
+            "int8_sha256": runtime.sha256_file(folder / name),
+        }
+        runtime.int8_record_path(folder / name).write_text(json.dumps(record))
+    with caplog.at_level(logging.INFO, logger="ich_model.runtime"):
+        assert runtime.accepted_int8(manifest, weights) == tmp_path / "cache" / name
+    assert any("not accepted (AUC(any) 0.80" in r.getMessage() for r in caplog.records)
+    (tmp_path / "cache" / name).write_bytes(b"changed")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ich_model.runtime"):
+        assert runtime.accepted_int8(manifest, weights) is None
+    assert any("changed after it was accepted" in r.getMessage() for r in caplog.records)
+
+
 # ----------------------------------------------------------------------------- realistic size
 
 

@@ -50,7 +50,9 @@ def phantoms(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("sub", ["fit", "evaluate", "make-phantoms", "install", "export"])
+@pytest.mark.parametrize(
+    "sub", ["fit", "evaluate", "make-phantoms", "install", "export", "quantize"]
+)
 def test_every_subcommand_explains_itself(sub, capsys):
     with pytest.raises(SystemExit) as exc:
         train_main([sub, "--help"])
@@ -67,6 +69,21 @@ def test_every_subcommand_explains_itself(sub, capsys):
             "--positive-fraction",
             "--max-minutes",
             "--install",
+        ):
+            assert opt in text
+    if sub == "quantize":
+        for opt in (
+            "--weights",
+            "--format",
+            "--out",
+            "--install",
+            "--card",
+            "--calibration",
+            "--batch-size",
+            "--seed",
+            "--val-fraction",
+            "0.005",
+            "Exit",
         ):
             assert opt in text
 
@@ -364,3 +381,223 @@ def test_rsna_challenge_layout_long_csv_and_id_dcm(phantoms, tmp_path):
     (root / "stage_2_train" / "ID_000000002.dcm").unlink()
     with pytest.raises(DatasetError, match="ID_000000002 is listed but"):
         read_dataset(root)
+
+
+# ----------------------------------------------------------------------------- int8 quantize
+
+
+@pytest.fixture
+def recorded_weights(tiny_weights, phantoms, tmp_path):
+    """The tiny weights with a training record as ich-train fit writes it (phantom data)."""
+    import shutil
+    from dataclasses import replace
+
+    from ich_model.weights import read_manifest, write_manifest
+    from training.datasets import describe
+
+    manifest, _ = read_manifest(tiny_weights)
+    w = tmp_path / "w" / "tiny.weights.h5"
+    w.parent.mkdir()
+    shutil.copyfile(tiny_weights, w)
+    train, val = split_by_group(read_dataset(phantoms), 0.34, 0)
+    record = {
+        "data": [str(phantoms)],
+        "formats": [None],
+        "seed": 0,
+        "val_fraction": 0.34,
+        "train_counts": describe(train),
+        "validation_counts": describe(val),
+    }
+    write_manifest(w, replace(manifest, training=record))
+    return w
+
+
+def _set_training(weights: Path, **changes: object) -> None:
+    from dataclasses import replace
+
+    from ich_model.weights import read_manifest, write_manifest
+
+    manifest, _ = read_manifest(weights)
+    write_manifest(weights, replace(manifest, training={**manifest.training, **changes}))
+
+
+def test_quantize_writes_int8_record_and_card_and_the_runtime_follows(
+    recorded_weights, phantoms, model_cache, tmp_path, monkeypatch, capsys, caplog
+):
+    """End to end on phantoms: accepted -> exit 0 and int8 in use; rejected -> exit 1,
+    files still written, float32 in use; the card's section is replaced, never doubled."""
+    import logging
+
+    from ich_model import runtime
+    from ich_model.predictor import Predictor
+    from ich_model.weights import read_manifest
+    from training.card import INT8_BEGIN, INT8_END
+
+    w = recorded_weights
+    manifest, _ = read_manifest(w)
+    card = tmp_path / "MODEL_CARD.md"
+    card.write_text("# Model card\n\n## Known failure modes\n\n- many\n")
+    args = ["quantize", "--weights", str(w), "--out", str(w.parent), "--card", str(card)]
+    args += ["--calibration", "8", "--batch-size", "4"]
+    int8 = w.parent / runtime.onnx_file_name(manifest, "int8")
+    record_path = runtime.int8_record_path(int8)
+
+    # generous tolerances: accepted
+    monkeypatch.setattr(runtime, "INT8_AUC_TOLERANCE", 1.0)
+    monkeypatch.setattr(runtime, "INT8_LOG_LOSS_RELATIVE", 10.0)
+    assert train_main(args) == 0
+    out = capsys.readouterr().out
+    assert "AUC(any)" in out and "ACCEPTED" in out and str(int8) in out
+    assert int8.is_file() and record_path.is_file()
+    record = json.loads(record_path.read_text())
+    _, val = split_by_group(read_dataset(phantoms), 0.34, 0)
+    assert record["accepted"] is True
+    assert record["weights_sha256"] == manifest.sha256
+    assert record["cpu"] == runtime.cpu_key()
+    assert record["n_calibration"] == 8 and record["n_slices"] == len(val)
+    assert record["validation"]["counts_match_manifest"] is True
+    assert record["slices_per_s_float32"] > 0 and record["slices_per_s_int8"] > 0
+    assert 0.0 <= record["max_abs_diff"] < 1.0
+    text = card.read_text()
+    assert text.startswith("# Model card") and "## Known failure modes" in text
+    assert text.count(INT8_BEGIN) == 1 and text.count(INT8_END) == 1
+    section = text[text.index(INT8_BEGIN) : text.index(INT8_END)]
+    assert manifest.sha256 in section and runtime.cpu_key() in section
+    assert "int8 accepted" in section and "AUC(any)" in section
+    assert "weighted log loss" in section and "slices/s at batch 4" in section
+    p = Predictor(w)
+    assert "int8" in p.runtime and "int8" in p.identity.to_dict()["runtime"]
+
+    # accepted, but on another kind of CPU: float32, and the log says why
+    other = {**record, "cpu": "x86_64:baseline"}
+    record_path.write_text(json.dumps(other))
+    with caplog.at_level(logging.INFO, logger="ich_model.runtime"):
+        assert "float32" in Predictor(w).runtime
+    assert any("accepted on a x86_64:baseline CPU only" in r.getMessage() for r in caplog.records)
+
+    # no tolerance at all: measured and rejected, files still written
+    monkeypatch.setattr(runtime, "INT8_AUC_TOLERANCE", 0.0)
+    monkeypatch.setattr(runtime, "INT8_LOG_LOSS_RELATIVE", 0.0)
+    assert train_main(args) == 1
+    assert "NOT ACCEPTED" in capsys.readouterr().out
+    record = json.loads(record_path.read_text())
+    assert record["accepted"] is False and "tolerance" in record["reason"]
+    assert int8.is_file()
+    text = card.read_text()
+    assert text.count(INT8_BEGIN) == 1 and "int8 not accepted" in text
+    assert "float32" in Predictor(w).runtime
+
+
+def test_quantize_refuses_what_it_cannot_measure_honestly(
+    recorded_weights, phantoms, model_cache, tmp_path, capsys
+):
+    w = recorded_weights
+    out = ["--out", str(tmp_path / "q"), "--calibration", "4"]
+    with pytest.raises(SystemExit) as exc:  # neither --out nor --install
+        train_main(["quantize", "--weights", str(w)])
+    assert exc.value.code == 2
+    # --install is for the bundled weights only
+    assert train_main(["quantize", "--weights", str(w), "--install"]) == 2
+    assert "bundled weights only" in capsys.readouterr().err
+    # another seed would measure on training slices
+    assert train_main(["quantize", "--weights", str(w), "--seed", "5", *out]) == 2
+    assert "trained with seed 0" in capsys.readouterr().err
+    # data recorded where training ran, not here: say so, and take the folders as arguments
+    _set_training(w, data=["../elsewhere/phantoms"])
+    assert train_main(["quantize", "--weights", str(w), *out]) == 2
+    assert "give the DATA folders" in capsys.readouterr().err
+    # other data than the weights were trained on: the split counts differ
+    fewer = tmp_path / "fewer"
+    train_main(["make-phantoms", str(fewer), "--studies", "3", "--slices", "6", "--matrix", "96"])
+    assert train_main(["quantize", str(fewer), "--weights", str(w), *out]) == 2
+    assert "not the one the weights were trained with" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+    # the right folders given as arguments: measured (exit 0 or 1 by the verdict)
+    rc = train_main(["quantize", str(phantoms), "--weights", str(w), *out])
+    records = list((tmp_path / "q").glob("*.acceptance.json"))
+    assert len(records) == 1
+    assert rc == (0 if json.loads(records[0].read_text())["accepted"] else 1)
+
+
+def test_model_card_keeps_the_int8_section_only_for_its_weights():
+    from ich_model.labels import LABELS
+    from ich_model.weights import Manifest
+    from training.card import (
+        INT8_BEGIN,
+        INT8_END,
+        int8_section,
+        model_card,
+        replace_int8_section,
+    )
+
+    rep = {
+        "threshold": 0.1,
+        "sets": {
+            "all": {
+                "n_images": 10,
+                "n_groups": 5,
+                "positives": dict.fromkeys(LABELS, 1),
+                "weighted_log_loss": 0.2,
+                "weighted_log_loss_ci": None,
+                "prior_baseline_log_loss": 0.3,
+                "auc": dict.fromkeys(LABELS, 0.8),
+                "auc_ci": dict.fromkeys(LABELS),
+                "any_sensitivity": 0.8,
+                "any_specificity": 0.7,
+            }
+        },
+    }
+    sha = "ab" * 32
+    manifest = Manifest(architecture={"input_size": 64}, sha256=sha, weights_file="w.weights.h5")
+    record = {
+        "weights_sha256": sha,
+        "cpu": "x86_64:avx2",
+        "cpu_model": "Some CPU",
+        "accepted": True,
+        "reason": "within tolerance",
+        "n_slices": 905,
+        "auc_any_float32": 0.85,
+        "auc_any_int8": 0.849,
+        "log_loss_float32": 0.166,
+        "log_loss_int8": 0.167,
+        "max_abs_diff": 0.02,
+        "batch": 8,
+        "cores": 2,
+        "slices_per_s_float32": 20.0,
+        "slices_per_s_int8": 30.0,
+        "n_calibration": 256,
+        "threshold": 0.0757,
+        "any_calls_changed": 3,
+    }
+    card = model_card(manifest, rep, sha, record)
+    assert card.count(INT8_BEGIN) == 1 and "int8 accepted" in card and "1.50x" in card
+    assert "on 3 of 905 slices" in card
+    assert "x86_64:avx2" in card and sha in card and "ich-train quantize" in card
+    # a record of other weights is not shown: the card says int8 was not measured
+    other = model_card(manifest, rep, sha, {**record, "weights_sha256": "cd" * 32})
+    assert "Not measured for these weights" in other and "x86_64:avx2" not in other
+    # replacing keeps one section, in place
+    again = replace_int8_section(card, int8_section(None))
+    assert again.count(INT8_BEGIN) == again.count(INT8_END) == 1
+    assert "Not measured" in again and again.index(INT8_BEGIN) == card.index(INT8_BEGIN)
+    assert replace_int8_section(again, int8_section(record)) == card
+
+
+@needs_data
+@pytest.mark.realdata
+def test_quantize_rebuilds_the_bundled_weights_validation_split():
+    """The split ich-train quantize measures on is the one fit validated the bundled weights on."""
+    from ich_model.weights import read_manifest
+    from training.quantize import pick_calibration, training_split
+
+    manifest, _ = read_manifest()
+    if not manifest.training.get("validation_counts"):
+        pytest.skip("the bundled weights record no training split")
+    names = [Path(d).name for d in manifest.training["data"]]
+    split = training_split(manifest, data=[str(SHARED_DATA / n) for n in names])
+    assert split.checked
+    assert len(split.validation) == sum(
+        c["slices"] for c in manifest.training["validation_counts"].values()
+    )
+    calib = pick_calibration(split.train, 256, split.seed)
+    assert len(calib) == 256 and not {s.path for s in calib} & {s.path for s in split.validation}

@@ -99,8 +99,16 @@ def _ci(c: list[float] | None) -> str:
     return f"{c[0]:.3f} to {c[1]:.3f}" if c else "too few positives"
 
 
-def model_card(manifest: Manifest, rep: dict[str, Any], sha256: str) -> str:
-    """The Markdown model card."""
+def model_card(
+    manifest: Manifest,
+    rep: dict[str, Any],
+    sha256: str,
+    int8_record: dict[str, Any] | None = None,
+) -> str:
+    """The Markdown model card; ``int8_record`` (from :func:`find_int8_record`) fills its
+    int8 section, which otherwise says that int8 was not measured for these weights."""
+    if int8_record is not None and int8_record.get("weights_sha256") != sha256:
+        int8_record = None  # a comparison of other weights says nothing about these
     arch = manifest.architecture
     tr = manifest.training
     lines = [
@@ -226,6 +234,8 @@ def model_card(manifest: Manifest, rep: dict[str, Any], sha256: str) -> str:
         " 1,000 resamples. The threshold was chosen on the same validation split, so its"
         " sensitivity and specificity are optimistic.",
         "",
+        int8_section(int8_record),
+        "",
         "## Comparison with published results (measured on other data)",
         "",
         f"The paper reports a weighted log loss of {PAPER_LOSS} on the RSNA 2019 stage-2 test"
@@ -253,7 +263,130 @@ def model_card(manifest: Manifest, rep: dict[str, Any], sha256: str) -> str:
         "Run the training command above on the same data, then `ich-train install"
         " RUN/ich_xception_lstm.weights.h5`. Runs differing only in seed differed by up to"
         " 0.25 in validation AUC at the same epoch in early experiments; expect the intervals above"
-        " to be wide.",
+        " to be wide. Then `ich-train quantize --install` measures the int8 model and"
+        " writes its section above.",
         "",
     ]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- int8 section
+
+#: The int8 comparison sits between these lines, so ``ich-train quantize --install`` can
+#: replace it in a card that ``ich-train install`` wrote, and the other way round.
+INT8_BEGIN = "<!-- int8 comparison: written by ich-train quantize; do not edit by hand -->"
+INT8_END = "<!-- end of int8 comparison -->"
+_INT8_ANCHORS = ("## Comparison with published results", "## Known failure modes", "## Reproduce")
+
+
+def find_int8_record(folder: Path, manifest: Manifest) -> dict[str, Any] | None:
+    """The ``ich-train quantize`` record for these weights in ``folder``, if there is one."""
+    from ich_model.runtime import int8_record_path, onnx_file_name
+
+    path = int8_record_path(Path(folder) / onnx_file_name(manifest, "int8"))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("weights_sha256") != manifest.sha256:
+        return None
+    return record
+
+
+def _num(v: Any, nd: int) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def int8_section(record: dict[str, Any] | None) -> str:
+    """The model card's int8 section: the float32 vs int8 comparison of ``record`` (an
+    ``ich-train quantize`` acceptance record), or a note that none was made."""
+    from ich_model.runtime import INT8_AUC_TOLERANCE, INT8_LOG_LOSS_RELATIVE
+
+    tol = (record or {}).get("tolerances") or {}
+    auc_tol = tol.get("auc_any", INT8_AUC_TOLERANCE)
+    wll_tol = tol.get("weighted_log_loss_relative", INT8_LOG_LOSS_RELATIVE)
+    rule = (
+        f"int8 is used only if it moves the validation AUC(any) by at most {auc_tol} and the"
+        f" weighted log loss by at most {wll_tol:.0%} (relative) from float32"
+    )
+    lines = [INT8_BEGIN, "## int8 model (static quantisation)", ""]
+    if record is None:
+        lines += [
+            "Not measured for these weights: the app runs the float32 model. `ich-train quantize"
+            " --install` quantises it (static int8, calibrated on training slices), compares it"
+            " with float32 on the validation split the weights were trained with and records the"
+            f" comparison here; {rule}.",
+            "",
+            INT8_END,
+        ]
+        return "\n".join(lines)
+    accepted = bool(record.get("accepted"))
+    f32, i8 = record.get("slices_per_s_float32"), record.get("slices_per_s_int8")
+    speed = (
+        [
+            f"| slices/s at batch {record.get('batch')} ({record.get('cores')} cores,"
+            f" load average {record.get('load_average')})"
+            f" | {_num(f32, 1)} | {_num(i8, 1)} ({i8 / f32:.2f}x) |"
+        ]
+        if f32 and i8
+        else []
+    )
+    split = record.get("validation") or {}
+    calib = record.get("calibration") or {}
+    lines += [
+        f"Measured by `ich-train quantize` on {str(record.get('measured', ''))[:10]} for the"
+        f" weights with sha256 `{record.get('weights_sha256')}`, on a CPU of kind"
+        f" `{record.get('cpu')}` ({record.get('cpu_model')}), ONNX Runtime"
+        f" {record.get('onnxruntime')}. Verdict: **int8 "
+        + ("accepted" if accepted else "not accepted")
+        + f"** ({record.get('reason')}).",
+        "",
+        f"| {record.get('n_slices')} validation slices | float32 | int8 |",
+        "|---|---:|---:|",
+        f"| AUC(any) | {_num(record.get('auc_any_float32'), 4)}"
+        f" | {_num(record.get('auc_any_int8'), 4)} |",
+        f"| weighted log loss | {_num(record.get('log_loss_float32'), 4)}"
+        f" | {_num(record.get('log_loss_int8'), 4)} |",
+        *speed,
+        "",
+        f"- Largest difference in any probability: {_num(record.get('max_abs_diff'), 4)}"
+        + (
+            f'; int8 changes the "any" call at the operating threshold'
+            f" ({record['threshold']:.4f}) on {record['any_calls_changed']} of"
+            f" {record.get('n_slices')} slices."
+            if record.get("any_calls_changed") is not None
+            else "."
+        ),
+        f"- Validation: every slice of the held-out split the weights were trained with"
+        f" ({split.get('summary', 'see the record')}; seed {split.get('seed')}, validation"
+        f" fraction {split.get('val_fraction')}), decoded and windowed as at inference.",
+        f"- Calibration: {record.get('n_calibration')} slices drawn from the training side of"
+        f" that split ({calib.get('summary', 'see the record')}); static QDQ quantisation with"
+        " per-channel int8 convolution weights and uint8 activations (MinMax); everything"
+        " else stays float32.",
+        f"- Rule: {rule}. The app's `auto` runtime then uses int8, and only on a CPU of the"
+        " kind above; elsewhere it runs float32 (and logs why) until `ich-train quantize` is"
+        " run there. The runtime in use is shown in the About box and in `summary.json`.",
+        "",
+        INT8_END,
+    ]
+    return "\n".join(lines)
+
+
+def replace_int8_section(text: str, section: str) -> str:
+    """``text`` with its int8 section replaced by ``section`` (inserted if it has none)."""
+    start, end = text.find(INT8_BEGIN), text.find(INT8_END)
+    if start >= 0 and end > start:
+        return text[:start] + section + text[end + len(INT8_END) :]
+    for anchor in _INT8_ANCHORS:
+        at = text.find(anchor)
+        if at >= 0:
+            return text[:at] + section + "\n\n" + text[at:]
+    return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
+
+
+def write_int8_section(card: Path, record: dict[str, Any] | None) -> None:
+    """Write (or replace) the int8 section of the model card at ``card``."""
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    card.parent.mkdir(parents=True, exist_ok=True)
+    card.write_text(replace_int8_section(text, int8_section(record)), encoding="utf-8")

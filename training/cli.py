@@ -202,6 +202,88 @@ def _parser() -> argparse.ArgumentParser:
     )
     x.add_argument("run", help="run folder (the --out of ich-train fit)")
 
+    q = sub.add_parser(
+        "quantize",
+        help="make an int8 model and accept or reject it on the validation split",
+        description="Static int8 quantisation of WEIGHTS' float32 ONNX model, calibrated on "
+        "slices from the training side of the split the weights were trained with and "
+        "compared with float32 on every validation slice of that split (rebuilt from the "
+        "manifest's training record: data folders, formats, seed, validation fraction; checked "
+        "against the counts it recorded). int8 is accepted only if the validation AUC(any) "
+        "moves by at most 0.005 and the weighted log loss by at most 2%. Writes the int8 "
+        "model and its acceptance record (weights hash, kind of CPU, metrics, speed) to --out, "
+        "or with --install next to the bundled weights, and the comparison into the model "
+        "card. The app's auto runtime uses int8 only with an accepted record for its weights "
+        "and its kind of CPU. Exit status: 0 accepted, 1 measured and not accepted (files "
+        "still written), 2 bad usage or nothing measured.",
+    )
+    q.add_argument(
+        "data",
+        nargs="*",
+        help="the dataset folders the weights were trained on (default: those in the "
+        "manifest's training record, which are paths where training ran: give them here "
+        "when the data lives elsewhere)",
+    )
+    q.add_argument(
+        "--weights",
+        default=None,
+        help="weights file (.weights.h5, manifest beside it); default: the bundled weights",
+    )
+    q.add_argument(
+        "--format",
+        action="append",
+        choices=["rsna-dcm", "rsna-png", "ctich-jpg", "phantom"],
+        help=FORMAT_HELP.replace("Default: recognised", "Default: the manifest's, else recognised"),
+    )
+    where = q.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--out",
+        default=None,
+        help="write the int8 model (ich-<hash>-c<n>-int8.onnx) and its acceptance record "
+        "(.acceptance.json) into this folder; the runtime finds them when the folder holds "
+        "the weights or is the cache folder",
+    )
+    where.add_argument(
+        "--install",
+        action="store_true",
+        help="write them next to the bundled weights in resources/weights (WEIGHTS must be the "
+        "bundled ones) and the comparison into resources/MODEL_CARD.md",
+    )
+    q.add_argument(
+        "--card",
+        default=None,
+        help="also write the comparison into the int8 section of this model card (default "
+        "with --install: resources/MODEL_CARD.md; otherwise no card)",
+    )
+    q.add_argument(
+        "--calibration",
+        type=int,
+        default=256,
+        metavar="N",
+        help="calibrate on N slices drawn (seeded) from the training side of the split "
+        "(default 256)",
+    )
+    q.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="batch size of the comparison; the speed of both models is measured at it (default 8)",
+    )
+    q.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="split seed, only for weights whose manifest does not record it (it must agree "
+        "where it does)",
+    )
+    q.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="validation fraction of the split, only for weights whose manifest does not "
+        "record it (it must agree where it does)",
+    )
+
     i = sub.add_parser(
         "install",
         help="make given weights the bundled model",
@@ -285,13 +367,14 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _bar(done: int, total: int, t0: float) -> None:
+def _bar(done: int, total: int, t0: float, label: str = "") -> None:
     if not sys.stderr.isatty():
         return
     frac = done / max(total, 1)
     left = (time.time() - t0) / max(frac, 1e-9) * (1 - frac)
     n = int(frac * 30)
-    sys.stderr.write(f"\r[{'#' * n}{'.' * (30 - n)}] {done}/{total}  {left:5.0f} s left")
+    head = f"{label:12s} " if label else ""
+    sys.stderr.write(f"\r{head}[{'#' * n}{'.' * (30 - n)}] {done}/{total}  {left:5.0f} s left")
     sys.stderr.flush()
 
 
@@ -350,6 +433,66 @@ def _fit(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace, argv: list[str]) -> int:
+    from ich_model.runtime import ConversionError
+    from ich_model.weights import BUNDLED_WEIGHTS, MODEL_CARD, WeightsError, read_manifest
+    from training.datasets import DatasetError
+    from training.quantize import QuantizeError, format_comparison, quantize
+
+    if args.batch_size < 1:
+        print(
+            f"ich-train: --batch-size must be at least 1. Received: {args.batch_size}",
+            file=sys.stderr,
+        )
+        return 2
+    card: Path | None = Path(args.card) if args.card else None
+    try:
+        manifest, wpath = read_manifest(args.weights)
+        if args.install:
+            bundled, _ = read_manifest(BUNDLED_WEIGHTS)
+            if bundled.sha256 != manifest.sha256:
+                raise QuantizeError(
+                    f"--install quantises the bundled weights only; {wpath} are other weights "
+                    "(install them first with ich-train install, or use --out)"
+                )
+            out, card = BUNDLED_WEIGHTS.parent, card or MODEL_CARD
+        else:
+            out = Path(args.out)
+        t0 = time.time()
+
+        started: dict[str, float] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            _bar(done, total, started.setdefault(stage, time.time()), stage)
+            if done == total and sys.stderr.isatty():
+                print(file=sys.stderr)
+
+        result = quantize(
+            manifest,
+            wpath,
+            out,
+            data=args.data or None,
+            formats=args.format,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            n_calibration=args.calibration,
+            batch=args.batch_size,
+            card=card,
+            command="ich-train " + " ".join(shlex.quote(a) for a in argv),
+            progress=progress,
+        )
+    except (QuantizeError, DatasetError, WeightsError, ConversionError, OSError) as exc:
+        print(f"ich-train quantize: {exc}", file=sys.stderr)
+        return 2
+    print(format_comparison(result.record))
+    print(f"wrote {result.int8_path}")
+    print(f"wrote {result.record_path}")
+    if card is not None:
+        print(f"wrote the int8 section of {card}")
+    print(f"({time.time() - t0:.0f} s)")
+    return 0 if result.report.accepted else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -380,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ich-train: {exc}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "quantize":
+        return _quantize(args, argv)
     if args.command == "evaluate":
         from training.datasets import DatasetError
 

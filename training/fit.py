@@ -548,7 +548,7 @@ def install(weights: Path, dest: Path, card: Path | None = None) -> Path:
     from dataclasses import replace
 
     from ich_model.weights import manifest_path_for, read_manifest, write_manifest
-    from training.card import model_card, report
+    from training.card import find_int8_record, model_card, report
 
     manifest, wpath = read_manifest(weights)
     npz = wpath.parent / "validation_predictions.npz"
@@ -584,7 +584,10 @@ def install(weights: Path, dest: Path, card: Path | None = None) -> Path:
     write_manifest(target, manifest)
     if rep is not None and card is not None:
         final, _ = read_manifest(target)
-        card.write_text(model_card(final, rep, final.sha256), encoding="utf-8")
+        # The int8 comparison stays only when one was measured for these weights (ich-train
+        # quantize --install writes it next to them); a card for new weights drops the old one.
+        int8 = find_int8_record(dest, final)
+        card.write_text(model_card(final, rep, final.sha256, int8), encoding="utf-8")
         log.info("wrote model card %s", card)
     log.info("installed %s -> %s", wpath, target)
     return manifest_path_for(target)
