@@ -4,9 +4,9 @@ Grad-CAM (Selvaraju et al. 2017) weighs the last convolutional activations ``A[i
 by ``mean_ij d y_k / d A[i, j, c]``. In this network the activations reach the head only
 through global average pooling, ``g[c] = mean_ij A[i, j, c]``, so that mean is simply
 ``(d y_k / d g[c]) / (h w)``: the gradient of the small head (reshape to 32 timesteps, LSTM,
-dense, sigmoid) with respect to the pooled features. ONNX Runtime gives ``A`` (the same
-session graph with one more output) and numpy gives the head's gradient, by
-backpropagation through time over 32 steps of 64 units.
+dense, sigmoid) with respect to the pooled features. ONNX Runtime gives ``A`` (the
+conversion exports it as a second output of the model that scores) and numpy gives the
+head's gradient, by backpropagation through time over 32 steps of 64 units.
 
 Why: the first Grad-CAM used to import TensorFlow and build the Keras model on the model
 thread (4.5 s, and a 266 ms stall of the GUI thread while TensorFlow's modules
@@ -19,6 +19,7 @@ TensorFlow path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,35 +125,61 @@ class Head:
         return dx.reshape(-1), y
 
 
-class OnnxGradcam:
-    """Grad-CAM maps from a float32 ONNX model of the network and its weights file."""
+def add_activations_output(proto: Any) -> str:
+    """Make the activations that global pooling reads a second output of an ONNX graph
+    (in place; the conversion does this once). Returns their name."""
+    import onnx
 
-    def __init__(self, onnx_path: Path, weights_path: Path, timesteps: int) -> None:
+    pool = [n for n in proto.graph.node if n.op_type in POOL_OPS]
+    if len(pool) != 1:
+        raise GradcamUnavailable("the ONNX graph has no single global pooling node")
+    name = str(pool[0].input[0])
+    if name not in [o.name for o in proto.graph.output]:
+        proto.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        )
+    return name
+
+
+RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class OnnxGradcam:
+    """Grad-CAM maps from ONNX Runtime (probabilities and activations) and the weights file.
+
+    ``run`` maps model inputs ``[n, s, s, 3]`` to probabilities and activations: normally
+    the scoring backend itself (``OnnxBackend.activations``; no second session), else a
+    session of a float32 ONNX file made by :meth:`from_file`.
+    """
+
+    def __init__(self, run: RunFn, weights_path: Path, timesteps: int) -> None:
+        self._run = run
+        self.head = Head.from_weights_file(weights_path, timesteps)
+
+    @classmethod
+    def from_file(cls, onnx_path: Path, weights_path: Path, timesteps: int) -> OnnxGradcam:
+        """For a float32 model converted without the activations output (older versions)."""
         import onnx
         import onnxruntime as ort
 
         proto = onnx.load(str(onnx_path))
-        pool = [n for n in proto.graph.node if n.op_type in POOL_OPS]
-        if len(pool) != 1:
-            raise GradcamUnavailable(f"{onnx_path}: no single global pooling node")
-        self._conv_name = pool[0].input[0]
-        self._prob_name = proto.graph.output[0].name
-        self._input_name = proto.graph.input[0].name
-        proto.graph.output.append(
-            onnx.helper.make_tensor_value_info(self._conv_name, onnx.TensorProto.FLOAT, None)
-        )
+        conv = add_activations_output(proto)
+        prob, feed = proto.graph.output[0].name, proto.graph.input[0].name
         options = ort.SessionOptions()
         options.intra_op_num_threads = 0  # one map at a time: every core on it
-        self._session = ort.InferenceSession(
+        session = ort.InferenceSession(
             proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
-        self.head = Head.from_weights_file(weights_path, timesteps)
+
+        def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            p, a = session.run([prob, conv], {feed: x.astype(np.float32)})
+            return np.asarray(p), np.asarray(a)
+
+        return cls(run, weights_path, timesteps)
 
     def __call__(self, x: np.ndarray, label: int) -> np.ndarray:
         """Class-activation map ``[h, w]`` (not normalised) for one model input ``[s, s, 3]``."""
-        prob, conv = self._session.run(
-            [self._prob_name, self._conv_name], {self._input_name: x[None].astype(np.float32)}
-        )
+        prob, conv = self._run(x[None])
         a = np.asarray(conv[0], np.float64)
         channels = self.head.features
         if a.shape[0] == channels:  # NCHW, as tf2onnx usually leaves it

@@ -249,18 +249,27 @@ class Predictor:
         """Grad-CAM through the float32 ONNX model and a numpy head (no TensorFlow), or None
         when this model or runtime cannot take that path (see :mod:`ich_model.gradcam`)."""
         from ich_model.gradcam import GradcamUnavailable, OnnxGradcam
+        from ich_model.runtime import OnnxBackend
 
-        if self._onnx_cam is False or (self._onnx_cam is None and self._keras_model is not None):
-            return None  # TensorFlow is loaded already (its runtime, or an earlier fallback)
+        if self._onnx_cam is False or not isinstance(self._backend, OnnxBackend):
+            return None  # the TensorFlow runtime (a GPU) maps with TensorFlow too
         try:
             if self._onnx_cam is None:
                 from ich_model.runtime import find_cached
 
-                path = find_cached(self.manifest, self.weights_path, "float32")
-                if path is None:
-                    raise GradcamUnavailable("no converted float32 ONNX model")
                 timesteps = int(self.manifest.architecture.get("timesteps", 32))
-                self._onnx_cam = OnnxGradcam(path, self.weights_path, timesteps)
+                backend = self._backend
+                if (
+                    isinstance(backend, OnnxBackend)
+                    and backend.precision == "float32"
+                    and backend.activations_name is not None
+                ):
+                    self._onnx_cam = OnnxGradcam(backend.activations, self.weights_path, timesteps)
+                else:  # int8 scores, but the map comes from float32
+                    path = find_cached(self.manifest, self.weights_path, "float32")
+                    if path is None:
+                        raise GradcamUnavailable("no converted float32 ONNX model")
+                    self._onnx_cam = OnnxGradcam.from_file(path, self.weights_path, timesteps)
             x = model_input(hu_slice, self.input_size, self.hu_range)
             cam = self._onnx_cam(x, LABELS.index(label))
         except GradcamUnavailable as exc:

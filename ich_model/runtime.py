@@ -47,7 +47,8 @@ RUNTIME_ENV = "ICH_RUNTIME"
 CACHE_ENV = "ICH_CACHE_DIR"
 RUNTIME_CHOICES = ("auto", "onnx", "onnx-int8", "tensorflow")
 #: Bump when the conversion changes: cached files of other versions are then ignored.
-CONVERTER_VERSION = 1
+#: 2: the last convolutional activations are a second output (Grad-CAM without TensorFlow).
+CONVERTER_VERSION = 2
 OPSET = 17
 #: Largest difference from Keras a converted model may show on the probe slices.
 ONNX_TOLERANCE = 1e-4
@@ -273,6 +274,9 @@ def export_onnx(model: Any, manifest: Manifest, out: Path) -> Path:
                 f"{out}: the converted LSTM is not a plain LSTM operator (ops: {sorted(ops)}); "
                 "was the model built with inference=True?"
             )
+        from ich_model.gradcam import add_activations_output
+
+        add_activations_output(proto)
         for key, value in onnx_metadata(manifest, "float32").items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
@@ -325,6 +329,10 @@ class OnnxBackend:
             else None
         )
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = outputs[0]
+        #: the last convolutional activations, where the conversion exported them (Grad-CAM)
+        self.activations_name: str | None = outputs[1] if len(outputs) > 1 else None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.precision = precision
         self.description = f"onnxruntime {ort.__version__} (CPU, {precision}, {self.threads} cores)"
@@ -344,8 +352,23 @@ class OnnxBackend:
 
     def _run(self, session: Any, x: np.ndarray) -> np.ndarray:
         # ORT releases the GIL in run(): the other cores and the windowing thread go on.
-        out = session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
-        return np.asarray(out[0], dtype=np.float32)
+        feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+        return np.asarray(session.run([self.output_name], feed)[0], dtype=np.float32)
+
+    def activations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and last convolutional activations of a few slices, every core on
+        them (Grad-CAM); needs a conversion that exported them (``activations_name``)."""
+        if self.activations_name is None:
+            raise ConversionError(f"{self.path}: no activations output")
+        if len(x) < self.threads and self._pool is not None:
+            if self._wide is None:
+                self._wide = self._session(self.threads)
+            session = self._wide
+        else:
+            session = self.session
+        feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+        prob, acts = session.run([self.output_name, self.activations_name], feed)
+        return np.asarray(prob, np.float32), np.asarray(acts, np.float32)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         if len(x) == 0:  # ORT aborts the process on an empty batch

@@ -589,5 +589,29 @@ def install(weights: Path, dest: Path, card: Path | None = None) -> Path:
         int8 = find_int8_record(dest, final)
         card.write_text(model_card(final, rep, final.sha256, int8), encoding="utf-8")
         log.info("wrote model card %s", card)
+    ship_onnx(target)
     log.info("installed %s -> %s", wpath, target)
     return manifest_path_for(target)
+
+
+def ship_onnx(weights: Path) -> Path:
+    """Convert installed weights to float32 ONNX beside them, so that the app and the
+    bundle score without converting (or importing TensorFlow) on first use; converted
+    models of other weights or converter versions in that folder are removed."""
+    from ich_model.runtime import build_keras, export_onnx, onnx_file_name
+    from ich_model.weights import read_manifest
+
+    manifest, wpath = read_manifest(weights)
+    out = wpath.parent / onnx_file_name(manifest, "float32")
+    keep = {out.name}
+    keep |= {p.name for p in wpath.parent.glob(out.name.replace("float32.onnx", "int8*"))}
+    for stale in wpath.parent.glob("ich-*.onnx"):
+        if stale.name not in keep:
+            stale.unlink()
+            stale.with_name(stale.name[: -len(".onnx")] + ".acceptance.json").unlink(
+                missing_ok=True
+            )
+            log.info("removed %s (other weights or converter version)", stale)
+    if not out.is_file():
+        export_onnx(build_keras(manifest, wpath), manifest, out)
+    return out
