@@ -6,6 +6,11 @@ Two steps, so the viewer can list series before decoding any pixel:
 ``load_study(paths)`` does both. Bad files never stop the good ones: they are
 left out with a warning that names the file and the reason.
 
+Each file is parsed once: for a plain slice (uncompressed 16-bit little endian, the usual
+CT file) the scan keeps where the pixels are and what the header said, and loading reads
+the pixels with one plain read when the file's header bytes are still those the scan saw
+(any other file, or a changed one, is read in full with pydicom).
+
 Input is untrusted: every value read from a file is checked before it sizes an allocation,
 orders slices or reaches a message, and messages carry file paths and UIDs, never a patient's
 name, ID or birth date. ``docs/INPUT_HANDLING.md`` lists each kind of bad input and what
@@ -15,6 +20,7 @@ happens to it; ``tests/test_robustness.py`` and ``tests/test_fuzz.py`` hold us t
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import itertools
 import logging
@@ -22,13 +28,14 @@ import math
 import os
 import re
 import struct
+import threading
 import warnings as pywarnings
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
@@ -42,6 +49,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -134,7 +142,13 @@ _MAX_POSITION_MM = 1e5
 _IMPLAUSIBLE_HU = 4000.0
 _IMPLAUSIBLE_SHARE = 0.10
 
+#: load_series fills one volume reserved up front when it is no larger than this; bigger
+#: series (or headers that only claim to be) are gathered slice by slice and stacked.
+_PREALLOCATE_BYTES = 2 * 2**30
+
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+#: How much of a file :func:`_read_with_head` looks at before pydicom reads it.
+_HEAD_BYTES = 16384
 #: JPEG start-of-frame markers (ITU T.81 B.1.1.3) and JPEG-LS SOF55 (T.87 C.2.2).
 _JPEG_SOF = frozenset(
     {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE, 0xCF, 0xF7}
@@ -345,18 +359,25 @@ class _ClampedReader(io.BufferedReader):
 def _read(path: Path, defer_size: str | None) -> tuple[Dataset, int]:
     """``pydicom.dcmread`` with the guards hostile files need; returns the data set and the
     size of what it was read from (for the truncation check)."""
+    ds, size, _ = _read_with_head(path, defer_size)
+    return ds, size
+
+
+def _read_with_head(path: Path, defer_size: str | None) -> tuple[Dataset, int, bytes | None]:
+    """:func:`_read`, and the file's first 16 kB (None when the data set was read from
+    something else: an inflated copy)."""
     size = path.stat().st_size
     if size == 0:
         raise _Unusable("empty file (0 bytes)")
     with open(path, "rb") as fp:
-        head = fp.read(16384)
+        head = fp.read(_HEAD_BYTES)
     if _DEFLATED_BYTES in head:
         inflated = _inflate(path)
         if inflated is not None:
-            return pydicom.dcmread(io.BytesIO(inflated), force=True), len(inflated)
+            return pydicom.dcmread(io.BytesIO(inflated), force=True), len(inflated), None
     with _ClampedReader(path) as fp:
         try:
-            return pydicom.dcmread(fp, defer_size=defer_size), size
+            return pydicom.dcmread(fp, defer_size=defer_size), size, head
         except InvalidDicomError as exc:
             # Files written without the 128-byte preamble are still common; accept them
             # only if what pydicom then finds looks like a real image object.
@@ -366,7 +387,7 @@ def _read(path: Path, defer_size: str | None) -> tuple[Dataset, int]:
                 raise InvalidDicomError(
                     "not a DICOM file (no preamble, no DICOM header found)"
                 ) from exc
-            return ds, size
+            return ds, size, head
 
 
 def _inflate(path: Path) -> bytes | None:
@@ -401,13 +422,14 @@ def _inflate(path: Path) -> bytes | None:
     return b"\0" * 128 + b"DICM" + buf.getvalue() + bytes(out)
 
 
-def _read_header(path: Path) -> Dataset:
-    """Read a file's header, deferring large values (pixel data) so nothing heavy is loaded."""
-    ds, size = _read(path, defer_size="4 KB")
+def _read_header(path: Path) -> tuple[Dataset, int, bytes | None]:
+    """Read a file's header, deferring large values (pixel data) so nothing heavy is loaded;
+    returns it with the file's size and first bytes (see :func:`_read_with_head`)."""
+    ds, size, head = _read_with_head(path, defer_size="4 KB")
     why = _truncation(ds, size)
     if why:
         raise _Unusable(_BIG_ENDIAN if _byte_swapped(ds) else why)
-    return ds
+    return ds, size, head
 
 
 def _raw_elements(ds: Dataset) -> Iterable[Any]:
@@ -446,8 +468,10 @@ def _truncation(ds: Dataset, size: int) -> str | None:
 
 
 @functools.cache
-def _tag(name: str) -> int | None:
-    return pydicom.datadict.tag_for_keyword(name)
+def _tag(name: str) -> BaseTag | None:
+    # a BaseTag: pydicom converts any other key to one on every lookup
+    tag = pydicom.datadict.tag_for_keyword(name)
+    return None if tag is None else BaseTag(tag)
 
 
 def _value(ds: Dataset, name: str) -> Any:
@@ -464,11 +488,13 @@ def _value(ds: Dataset, name: str) -> Any:
 def _str(ds: Dataset, name: str, default: str = "", limit: int = MAX_TEXT) -> str:
     """A text value on one line, cut to ``limit`` characters (huge values are not read)."""
     tag = _tag(name)
-    if tag is None or tag not in ds:
+    if tag is None:
         return default
     try:
         raw = ds.get_item(tag, keep_deferred=True)
     except _VALUE_ERRORS:
+        return default
+    if raw is None:
         return default
     if (
         isinstance(raw, RawDataElement)
@@ -476,7 +502,10 @@ def _str(ds: Dataset, name: str, default: str = "", limit: int = MAX_TEXT) -> st
         and raw.length > 64 * limit
     ):
         return default
-    v = _value(ds, name)
+    try:
+        v = ds[tag].value
+    except _VALUE_ERRORS:
+        return default
     if v is None:
         return default
     if isinstance(v, bytes):
@@ -535,13 +564,19 @@ def _floats(ds: Dataset, name: str, n: int) -> tuple[float, ...] | None:
 def _orientation(ds: Dataset) -> tuple[float, ...] | None:
     """ImageOrientationPatient, or None when missing, not 6 numbers or degenerate."""
     o = _floats(ds, "ImageOrientationPatient", 6)
-    if o is None:
-        return None
-    try:
-        slice_normal(o)
-    except ValueError:
+    if o is None or _degenerate(o):
         return None
     return o
+
+
+@functools.lru_cache(maxsize=256)
+def _degenerate(orientation: tuple[float, ...]) -> bool:
+    # cached: every slice of a series has the same orientation, and numpy is slow on 3-vectors
+    try:
+        slice_normal(orientation)
+    except ValueError:
+        return True
+    return False
 
 
 def _position(ds: Dataset) -> tuple[float, float, float] | None:
@@ -987,8 +1022,9 @@ def scan(
 
     headers: list[_Header] = []
     for f in _expand(paths, _warn):
+        _NATIVE.put(f, None)
         try:
-            ds = _read_header(f)
+            ds, size, head = _read_header(f)
         except (InvalidDicomError, _Unusable) as exc:
             _warn(f"{f}: left out, {_brief(exc)}")
             continue
@@ -1006,6 +1042,7 @@ def scan(
             _warn(why)
         if h is not None:
             headers.append(h)
+            _NATIVE.put(f, _prepare_native(h, ds, size, head))
 
     by_uid: dict[str, list[_Header]] = defaultdict(list)
     for h in headers:
@@ -1117,6 +1154,8 @@ def to_hu(
     bits_stored: int = 16,
     pixel_representation: int = 1,
     padding_value: float | None = None,
+    *,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Stored values -> HU with the modality LUT (PS3.3 C.11.1.1.2), fixes included.
 
@@ -1124,24 +1163,88 @@ def to_hu(
       wrap at 4096 and use intercept -1000 (the fix published with the challenge data).
     - Padding (``PixelPaddingValue``) and anything below air becomes air (-1024 HU),
       so -2048 or -3024 outside the field of view never looks like tissue.
+
+    Computed in float32 as ``float32(stored) * float32(slope) + float32(intercept)``, into
+    ``out`` (float32, the shape of ``stored``) when given, so a loader can fill a volume
+    without a copy per slice.
     """
     px = np.asarray(stored)
+    hu = np.empty(px.shape, dtype=np.float32) if out is None else out
     pad_mask = None if padding_value is None else px == padding_value
     if rsna_wrap_fix_applies(bits_stored, pixel_representation, intercept):
-        x = px.astype(np.int32) + 1000
+        x = np.add(px, 1000, dtype=np.int32)
         x[x >= 4096] -= 4096
-        hu = x.astype(np.float32) * np.float32(slope) + np.float32(-1000.0)
+        px, intercept = x, -1000.0
+    # One pass each, no temporaries; x * 1.0f is x exactly, so a unit slope is skipped.
+    if np.float32(slope) == 1:
+        np.add(px, np.float32(intercept), out=hu, dtype=np.float32)
     else:
-        hu = px.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        np.multiply(px, np.float32(slope), out=hu, dtype=np.float32)
+        np.add(hu, np.float32(intercept), out=hu)
     if pad_mask is not None:
         hu[pad_mask] = AIR_HU
     np.maximum(hu, AIR_HU, out=hu)
     return hu
 
 
-def _slice_hu(path: Path) -> tuple[np.ndarray, Dataset]:
-    """One slice in HU. Raises :class:`SeriesLoadError` (naming the file) for what the
-    header says is wrong, before decoding; decoder errors pass through to the caller."""
+class _SliceMeta(NamedTuple):
+    """What :func:`load_series` takes from a slice's header besides its pixels."""
+
+    sop_uid: str
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    spacing: tuple[float, ...] | None
+    has_spacing: bool
+    thickness: tuple[float, ...] | None
+    thickness_text: str
+
+
+def _slice_meta(path: Path, ds: Dataset, header: _Header | None = None) -> _SliceMeta:
+    """The header values of one slice; ``header``: the scan's, for the UID and geometry."""
+    if header is None:
+        sop_uid = _uid_problem(ds, "SOPInstanceUID", set())[0] or _safe_stem(path)
+        position, orientation = _position(ds), _orientation(ds)
+    else:
+        sop_uid, position, orientation = header.sop_uid, header.position, header.orientation
+    return _SliceMeta(
+        sop_uid=sop_uid,
+        position=position,
+        orientation=orientation,
+        spacing=_floats(ds, "PixelSpacing", 2),
+        has_spacing="PixelSpacing" in ds,
+        thickness=_floats(ds, "SliceThickness", 1),
+        thickness_text=_str(ds, "SliceThickness"),
+    )
+
+
+def _hu_parameters(ds: Dataset) -> tuple[float, float, int, int, float | None]:
+    """(slope, intercept, bits stored, pixel representation, padding) for :func:`to_hu`;
+    raises :class:`_Unusable` for a rescale that is not a usable number."""
+    slope, intercept = _rescale(ds)
+    pad = _value(ds, "PixelPaddingValue")
+    return (
+        slope,
+        intercept,
+        int(_int(ds, "BitsStored", 16) or 16),
+        int(_int(ds, "PixelRepresentation", 0) or 0),
+        float(pad) if isinstance(pad, (int, float)) else None,
+    )
+
+
+def _checked_hu(path: Path, hu: np.ndarray) -> np.ndarray:
+    # After to_hu's maximum() the only values that are not finite are NaN and +inf, and
+    # max() passes both on: one reduction instead of an isfinite() array.
+    if not math.isfinite(float(hu.max())):
+        raise SeriesLoadError(
+            f"{path}: RescaleSlope/RescaleIntercept give values that are not finite", [path]
+        )
+    return hu
+
+
+def _slice_hu(path: Path, out: np.ndarray | None = None) -> tuple[np.ndarray, Dataset]:
+    """One slice in HU (into ``out`` when the slice has its shape). Raises
+    :class:`SeriesLoadError` (naming the file) for what the header says is wrong, before
+    decoding; decoder errors pass through to the caller."""
     try:
         ds, size = _read(path, defer_size="1 MB")
         problem = _truncation(ds, size) or _pixel_problem(ds)
@@ -1156,7 +1259,7 @@ def _slice_hu(path: Path) -> tuple[np.ndarray, Dataset]:
             problem = _codestream_problem(ts, bytes(frame[:65536]), rows, cols)
             if problem is not None:
                 raise _Unusable(problem)
-        slope, intercept = _rescale(ds)
+        _rescale(ds)
     except _Unusable as exc:
         raise SeriesLoadError(f"{path}: {exc}", [path]) from None
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -1175,20 +1278,190 @@ def _slice_hu(path: Path) -> tuple[np.ndarray, Dataset]:
         raise SeriesLoadError(
             f"{path}: pixel data {arr.shape} does not match Rows x Columns", [path]
         )
-    pad = _value(ds, "PixelPaddingValue")
+    slope, intercept, bits_stored, representation, padding = _hu_parameters(ds)
     hu = to_hu(
         arr,
         slope,
         intercept,
-        bits_stored=int(_int(ds, "BitsStored", 16) or 16),
-        pixel_representation=int(_int(ds, "PixelRepresentation", 0) or 0),
-        padding_value=float(pad) if isinstance(pad, (int, float)) else None,
+        bits_stored=bits_stored,
+        pixel_representation=representation,
+        padding_value=padding,
+        out=out if out is not None and out.shape == arr.shape else None,
     )
-    if not np.all(np.isfinite(hu)):
-        raise SeriesLoadError(
-            f"{path}: RescaleSlope/RescaleIntercept give values that are not finite", [path]
-        )
-    return hu, ds
+    return _checked_hu(path, hu), ds
+
+
+# ----------------------------------------------------------------------------- one read
+
+
+@dataclass(frozen=True)
+class _NativeSlice:
+    """A slice the scan found in native little-endian 16-bit encoding with its pixel data at
+    the end of the file: where the pixels are, how to turn them into HU, and what
+    :func:`load_series` takes from the header, so loading reads the file once and parses
+    no header again.
+
+    Only valid while the file has this size and these bytes before the pixel data (checked
+    on every use): then pydicom would read the very same data set, so every check the scan
+    made still holds and the values are those the full read would give.
+    """
+
+    size: int
+    offset: int
+    digest: bytes
+    rows: int
+    columns: int
+    dtype: str
+    unused_bits: int
+    hu: tuple[float, float, int, int, float | None]
+    meta: _SliceMeta
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _exact_int(ds: Dataset, name: str) -> int | None:
+    """A value pydicom reads as a plain integer (US elements), else None."""
+    v = _value(ds, name)
+    return v if type(v) is int else None
+
+
+def _native_slice(
+    ds: Dataset, size: int, head: bytes | None, values: _SliceMeta
+) -> _NativeSlice | None:
+    """The :class:`_NativeSlice` of a header that passed the scan, or None when decoding
+    it takes more than reading its bytes (compressed, big endian, 8 or 32 bits, anything
+    pydicom would treat specially): those slices are read with pydicom."""
+    if head is None:
+        return None  # read from an inflated copy: offsets are not the file's
+    meta = getattr(ds, "file_meta", None)
+    ts = _str(meta, "TransferSyntaxUID", limit=MAX_UID_LENGTH) if meta is not None else ""
+    if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        return None
+    if any(k in ds for k in ("FloatPixelData", "DoubleFloatPixelData", "NumberOfFrames")):
+        return None
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH:
+        return None
+    offset = elem.value_tell
+    rows, cols = _exact_int(ds, "Rows"), _exact_int(ds, "Columns")
+    stored = _exact_int(ds, "BitsStored")
+    representation = _exact_int(ds, "PixelRepresentation")
+    if (
+        rows is None
+        or cols is None
+        or stored is None
+        or representation not in (0, 1)
+        or _exact_int(ds, "BitsAllocated") != 16
+        or _exact_int(ds, "SamplesPerPixel") != 1
+        or not 1 <= stored <= 16
+        or _value(ds, "PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2")
+        or elem.length != rows * cols * 2
+        or offset + elem.length != size
+        or offset > len(head)
+    ):
+        return None
+    try:
+        hu = _hu_parameters(ds)
+    except _Unusable:
+        return None
+    return _NativeSlice(
+        size=size,
+        offset=offset,
+        digest=_digest(head[:offset]),
+        rows=rows,
+        columns=cols,
+        dtype="<i2" if representation else "<u2",
+        unused_bits=16 - stored,
+        hu=hu,
+        meta=values,
+    )
+
+
+class _NativeSlices:
+    """The scan's :class:`_NativeSlice` per file, for the load that follows; bounded (the
+    oldest go first), and a stale entry is only a miss (see :class:`_NativeSlice`)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._items: dict[Path, _NativeSlice] = {}
+        self._lock = threading.Lock()
+
+    def put(self, path: Path, item: _NativeSlice | None) -> None:
+        with self._lock:
+            self._items.pop(path, None)
+            if item is None:
+                return
+            self._items[path] = item
+            while len(self._items) > self._limit:
+                del self._items[next(iter(self._items))]
+
+    def get(self, path: Path) -> _NativeSlice | None:
+        with self._lock:
+            return self._items.get(path)
+
+
+#: Enough for the slices of a large batch; about 1 kB each.
+_NATIVE = _NativeSlices(limit=20000)
+
+
+def _native_hu(path: Path, item: _NativeSlice, out: np.ndarray | None) -> np.ndarray | None:
+    """The slice in HU from one plain read, or None when the file is no longer what the scan
+    saw (the caller then reads it with pydicom)."""
+    try:
+        with open(path, "rb", buffering=0) as fp:
+            if os.fstat(fp.fileno()).st_size != item.size:
+                return None
+            head = fp.read(item.offset)
+            if len(head) != item.offset or _digest(head) != item.digest:
+                return None
+            px = np.empty((item.rows, item.columns), dtype=item.dtype)
+            view = px.data.cast("B")
+            got = 0
+            while got < len(view):
+                n = fp.readinto(view[got:])
+                if not n:
+                    return None
+                got += n
+    except OSError:
+        return None  # let the full read name the problem
+    if item.unused_bits:
+        # what pydicom does with bits above Bits Stored: shifted out, sign kept for signed
+        np.left_shift(px, item.unused_bits, out=px)
+        np.right_shift(px, item.unused_bits, out=px)
+    slope, intercept, bits_stored, representation, padding = item.hu
+    hu = to_hu(
+        px,
+        slope,
+        intercept,
+        bits_stored=bits_stored,
+        pixel_representation=representation,
+        padding_value=padding,
+        out=out if out is not None and out.shape == px.shape else None,
+    )
+    return _checked_hu(path, hu)
+
+
+def _prepare_native(h: _Header, ds: Dataset, size: int, head: bytes | None) -> _NativeSlice | None:
+    """The scan's part of :class:`_NativeSlice`; never fails (None: load with pydicom)."""
+    try:
+        meta = _slice_meta(h.path, ds, h)
+        return _native_slice(ds, size, head, meta)
+    except Exception:  # a value we did not foresee: the full read will meet it again
+        return None
+
+
+def _load_slice(path: Path, out: np.ndarray | None) -> tuple[np.ndarray, _SliceMeta]:
+    """One slice in HU and its header values: from one plain read when the scan prepared
+    it and the file is unchanged, otherwise with pydicom."""
+    item = _NATIVE.get(path)
+    if item is not None:
+        hu = _native_hu(path, item, out)
+        if hu is not None:
+            return hu, item.meta
+    hu, ds = _slice_hu(path, out)
+    return hu, _slice_meta(path, ds)
 
 
 def _is_decoder_panic(exc: BaseException) -> bool:
@@ -1198,6 +1471,8 @@ def _is_decoder_panic(exc: BaseException) -> bool:
 
 
 def _implausible(hu: np.ndarray) -> str | None:
+    if float(hu.max()) <= _IMPLAUSIBLE_HU:
+        return None  # the usual case, without a mask
     share = float(np.mean(hu > _IMPLAUSIBLE_HU))
     if share > _IMPLAUSIBLE_SHARE:
         return (
@@ -1218,17 +1493,24 @@ def load_series(
     :class:`SeriesLoadError` naming the files. Nothing else escapes: any failure of a
     slice is that slice's warning.
     """
+    n = len(info.files)
+    # Slices are converted straight into the volume (a slice left out is overwritten), unless
+    # the headers declare more than is sensible to reserve before any slice has decoded.
+    volume = (
+        np.empty((n, info.rows, info.columns), dtype=np.float32)
+        if n * info.rows * info.columns * 4 <= _PREALLOCATE_BYTES
+        else None
+    )
     slices: list[np.ndarray] = []
-    kept: list[tuple[Path, Dataset]] = []
+    kept: list[tuple[Path, _SliceMeta]] = []
     warnings = list(info.warnings)
     dropped: list[str] = []
-    n = len(info.files)
     check_values = info.modality.upper() in ("CT", "")
     for i, f in enumerate(info.files):
         if cancelled is not None and cancelled():
             raise SeriesLoadError(f"loading series {info.key} was cancelled", info.files)
         try:
-            hu, ds = _slice_hu(f)
+            hu, meta = _load_slice(f, None if volume is None else volume[len(kept)])
             why = None
             if hu.shape != (info.rows, info.columns):
                 why = (
@@ -1253,14 +1535,15 @@ def load_series(
                 raise
             dropped.append(f"{f}: slice left out, the decoder crashed ({_brief(exc)})")
         else:
-            slices.append(hu)
-            kept.append((f, ds))
+            kept.append((f, meta))
+            if volume is None:
+                slices.append(hu)
         if progress is not None:
             progress(i + 1, n)
     warnings += dropped
     for w in dropped:
         log.warning("%s", w)
-    if not slices:
+    if not kept:
         more = f" (and {len(dropped) - 3} more)" if len(dropped) > 3 else ""
         raise SeriesLoadError(
             f"series {info.key}: none of its {n} file(s) could be decoded: "
@@ -1268,10 +1551,15 @@ def load_series(
             + more,
             info.files,
         )
+    if volume is None:
+        hu_volume = np.stack(slices)
+    else:
+        hu_volume = volume if len(kept) == n else volume[: len(kept)].copy()
+    del volume, slices
 
     first = kept[0][1]
-    orientation = _orientation(first)
-    xyz = [_position(ds) for _, ds in kept]
+    orientation = first.orientation
+    xyz = [m.position for _, m in kept]
     positions = [float(i) for i in range(len(kept))]
     if orientation is not None and all(p is not None for p in xyz):
         normal = slice_normal(orientation)
@@ -1284,26 +1572,24 @@ def load_series(
                 f"series {info.key}: slice positions changed since the scan; "
                 "positions replaced by slice numbers"
             )
-    spacing = _floats(first, "PixelSpacing", 2)
+    spacing = first.spacing
     if spacing is None or not all(0 < s < 100 for s in spacing):
-        what = "missing" if "PixelSpacing" not in first else "invalid"
+        what = "missing" if not first.has_spacing else "invalid"
         warnings.append(f"series {info.key}: PixelSpacing {what}; 1 mm assumed")
         spacing = (1.0, 1.0)
-    thick_raw = _floats(first, "SliceThickness", 1)
+    thick_raw = first.thickness
     thickness = thick_raw[0] if thick_raw and 0 < thick_raw[0] < 1000 else None
-    if thickness is None and _str(first, "SliceThickness"):
+    if thickness is None and first.thickness_text:
         warnings.append(f"series {info.key}: SliceThickness invalid; thickness unknown")
     return CTSeries(
-        hu=np.stack(slices).astype(np.float32, copy=False),
+        hu=hu_volume,
         pixel_spacing=(spacing[0], spacing[1]),
         positions=tuple(positions),
         slice_thickness=thickness,
         orientation=orientation,
         study_uid=info.study_uid,
         series_uid=info.series_uid,
-        sop_uids=tuple(
-            _uid_problem(ds, "SOPInstanceUID", set())[0] or _safe_stem(f) for f, ds in kept
-        ),
+        sop_uids=tuple(m.sop_uid for _, m in kept),
         files=tuple(f for f, _ in kept),
         metadata=dict(info.metadata),
         warnings=tuple(warnings),

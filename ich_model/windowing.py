@@ -93,10 +93,29 @@ def model_input_batch(
     size: int,
     hu_range: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Stack of slices ``[z, y, x]`` in HU -> ``[z, size, size, 3]`` float32."""
-    out = np.empty((volume.shape[0], size, size, len(MODEL_WINDOWS)), dtype=np.float32)
-    for i in range(volume.shape[0]):
-        out[i] = model_input(volume[i], size, hu_range)
+    """Stack of slices ``[z, y, x]`` in HU -> ``[z, size, size, 3]`` float32.
+
+    The same values as :func:`model_input` slice by slice (the same float32 operations in
+    the same order); only the resize is per slice, the clip and the windows run once on
+    the whole stack, without a temporary per window.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"expected slices [z, y, x]. Received: shape={volume.shape}")
+    n = volume.shape[0]
+    out = np.empty((n, size, size, len(MODEL_WINDOWS)), dtype=np.float32)
+    small = np.empty((n, size, size), dtype=np.float32)
+    for i in range(n):
+        small[i] = resize_slice(volume[i], size)
+    if hu_range is not None:
+        np.clip(small, hu_range[0], hu_range[1], out=small)
+    scratch = np.empty_like(small)
+    for c, w in enumerate(MODEL_WINDOWS):
+        # apply_window(), written into the channel
+        lo = w.level - w.width / 2.0
+        np.subtract(small, np.float32(lo), out=scratch)
+        np.multiply(scratch, np.float32(1.0 / w.width), out=scratch)
+        np.clip(scratch, 0.0, 1.0, out=out[..., c])
     return out
 
 

@@ -9,12 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ich_model.labels import LABELS
 from ich_model.phantom import PhantomSpec, write_series
 from ich_model.score_cli import main as score_main
-from tests.dicomfactory import ct_slice
+from tests.dicomfactory import ct_series, ct_slice
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +188,139 @@ def test_dicom_out_writes_sr_and_key_images(studies, tiny_weights, tmp_path):
     assert sr.StudyInstanceUID == written[0].study_uid
     assert sr.SeriesInstanceUID != written[0].series_uid
     assert not list(dcm.glob(".*partial"))
+
+
+# ----------------------------------------------------------------------------- reading speed
+# The batch pipeline reads each file once: the scan keeps where a plain slice's pixels are,
+# and loading reads them without parsing the header again. These tests hold that to giving
+# exactly what the full pydicom read gives.
+
+
+def _series_fields(s):
+    return (
+        s.pixel_spacing,
+        s.positions,
+        s.slice_thickness,
+        s.orientation,
+        s.sop_uids,
+        s.files,
+        s.warnings,
+        s.metadata,
+    )
+
+
+def _load_both_ways(folder, monkeypatch):
+    """load_series with the scan's shortcut and with pydicom only, on the same scan."""
+    from ich_model import dicom_io
+
+    [info] = dicom_io.scan(folder)
+    fast = dicom_io.load_series(info)
+    with monkeypatch.context() as m:
+        m.setattr(dicom_io, "_PREALLOCATE_BYTES", 0)  # slice by slice, then stacked
+        stacked = dicom_io.load_series(info)
+        m.setattr(dicom_io, "_NATIVE", dicom_io._NativeSlices(limit=0))
+        full = dicom_io.load_series(info)
+    np.testing.assert_array_equal(fast.hu, stacked.hu)
+    assert _series_fields(fast) == _series_fields(stacked)
+    return info, fast, full
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    [
+        dict(bits_stored=16, pixel_representation=1, intercept=-1024.0, slope=1.0),
+        dict(bits_stored=12, pixel_representation=1, intercept=0.0, slope=1.0),
+        dict(bits_stored=12, pixel_representation=0, intercept=-1024.0, slope=1.0),
+        dict(bits_stored=12, pixel_representation=0, intercept=0.0, slope=1.0),  # RSNA wrap
+        dict(bits_stored=16, pixel_representation=0, intercept=-1024.25, slope=0.5),
+        dict(bits_stored=10, pixel_representation=1, intercept=-300.0, slope=3.0),
+    ],
+)
+def test_one_read_loading_equals_the_full_read(encoding, tmp_path, monkeypatch):
+    from ich_model import dicom_io
+
+    bits, signed = encoding["bits_stored"], encoding["pixel_representation"]
+    rng = np.random.default_rng(bits)
+    lo = -(2 ** (bits - 1)) if signed else 0
+    hi = min(2 ** (bits - 1) if signed else 2**bits, lo + 3000)
+    uid = "1.2.826.0.1.3680043.8.498.4242"
+    for k in range(4):
+        v = rng.integers(lo, hi, (24, 20))
+        v[0, :2] = [lo, hi - 1]
+        raw = (v & (2**bits - 1)).astype(np.uint16)
+        if bits < 16:  # bits above Bits Stored hold garbage, as in some real files
+            raw |= rng.integers(0, 2 ** (16 - bits), v.shape).astype(np.uint16) << bits
+        stored = raw.view(np.int16) if signed else raw
+        ct_slice(tmp_path / f"s{k}.dcm", series_uid=uid, z=k * 5.0, stored=stored, **encoding)
+    info, fast, full = _load_both_ways(tmp_path, monkeypatch)
+    assert all(dicom_io._NATIVE.get(f) is not None for f in info.files)
+    assert fast.hu.dtype == np.float32 and fast.hu.shape == (4, 24, 20)
+    np.testing.assert_array_equal(fast.hu, full.hu)
+    assert _series_fields(fast) == _series_fields(full)
+
+
+def test_pixel_padding_and_implicit_vr_equal_the_full_read(tmp_path, monkeypatch):
+    import pydicom
+    from pydicom.dataelem import DataElement
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    uid = "1.2.826.0.1.3680043.8.498.4343"
+    for k in range(3):
+        stored = np.full((16, 16), 1064, np.int16)
+        stored[:3] = -2000
+        f = ct_slice(tmp_path / f"s{k}.dcm", series_uid=uid, z=k * 5.0, stored=stored)
+        ds = pydicom.dcmread(f)
+        ds.add(DataElement(0x00280120, "SS", -2000))  # PixelPaddingValue
+        if k == 1:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(f)
+    _, fast, full = _load_both_ways(tmp_path, monkeypatch)
+    np.testing.assert_array_equal(fast.hu, full.hu)
+    assert fast.hu[:, 0, 0].tolist() == [-1024.0] * 3 and fast.hu[0, 5, 5] == 40.0
+    assert _series_fields(fast) == _series_fields(full)
+
+
+def test_a_file_changed_after_the_scan_is_read_in_full(tmp_path, monkeypatch):
+    """Same size, another header (a different rescale) or other pixels: what the file holds
+    now, as the full read gives it."""
+    import pydicom
+
+    from ich_model import dicom_io
+
+    files = ct_series(tmp_path, n=4, intercept=-1024.0)
+    [info] = dicom_io.scan(tmp_path)
+    size = files[1].stat().st_size
+    ds = pydicom.dcmread(files[1])
+    ds.RescaleIntercept = "-1000.0"  # as long as "-1024.0": the file keeps its size
+    ds.save_as(files[1])
+    ds = pydicom.dcmread(files[2])
+    ds.PixelData = (np.frombuffer(ds.PixelData, np.int16) + 7).astype(np.int16).tobytes()
+    ds.save_as(files[2])
+    assert files[1].stat().st_size == files[2].stat().st_size == size
+    calls = []
+    full_read = dicom_io._slice_hu
+    monkeypatch.setattr(
+        dicom_io, "_slice_hu", lambda p, out=None: calls.append(p) or full_read(p, out)
+    )
+    s = dicom_io.load_series(info)
+    assert calls == [files[1]]  # the other three were read once, without pydicom
+    assert s.hu[1].mean() == pytest.approx(10 + 24) and s.hu[2].mean() == pytest.approx(20 + 7)
+    with monkeypatch.context() as m:
+        m.setattr(dicom_io, "_NATIVE", dicom_io._NativeSlices(limit=0))
+        np.testing.assert_array_equal(s.hu, dicom_io.load_series(info).hu)
+
+
+def test_model_input_batch_matches_model_input_slice_by_slice():
+    from ich_model.windowing import model_input, model_input_batch
+
+    rng = np.random.default_rng(1)
+    for shape, size, hu_range in [((3, 50, 40), 16, None), ((2, 64, 64), 24, (0.0, 80.0))]:
+        vol = rng.normal(40, 400, shape).astype(np.float32)
+        b = model_input_batch(vol, size, hu_range)
+        for i in range(shape[0]):
+            np.testing.assert_array_equal(b[i], model_input(vol[i], size, hu_range))
+    same = rng.normal(40, 400, (2, 16, 16)).astype(np.float32)  # no resize: input untouched
+    before = same.copy()
+    b = model_input_batch(same, 16, (0.0, 80.0))
+    np.testing.assert_array_equal(same, before)
+    np.testing.assert_array_equal(b[1], model_input(same[1], 16, (0.0, 80.0)))
