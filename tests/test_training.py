@@ -51,7 +51,8 @@ def phantoms(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "sub", ["fit", "evaluate", "make-phantoms", "install", "export", "quantize"]
+    "sub",
+    ["fit", "evaluate", "make-phantoms", "install", "export", "quantize", "check-reproduction"],
 )
 def test_every_subcommand_explains_itself(sub, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -85,6 +86,9 @@ def test_every_subcommand_explains_itself(sub, capsys):
             "0.005",
             "Exit",
         ):
+            assert opt in text
+    if sub == "check-reproduction":
+        for opt in ("RUN", "--weights", "--install", "95%", "reproduction.json", "Exit"):
             assert opt in text
 
 
@@ -601,3 +605,239 @@ def test_quantize_rebuilds_the_bundled_weights_validation_split():
     )
     calib = pick_calibration(split.train, 256, split.seed)
     assert len(calib) == 256 and not {s.path for s in calib} & {s.path for s in split.validation}
+
+
+# ----------------------------------------------------------------------------- reproducibility
+
+FIT_COMMAND = (
+    "ich-train fit /data/rsna-png /data/ctich-jpg --out {out} --input-size 64 --width 0.25 "
+    "--middle-blocks 1 --hu-range 0,80 --val-fraction 0.34 --seed 0 --epochs 3"
+)
+
+
+def _validation_predictions(noise_seed: int, signal: float = 0.4) -> dict[str, np.ndarray]:
+    """A small validation split (fixed labels, two sources, 4 slices per patient) and
+    predictions that separate bleeds by ``signal``, with noise from ``noise_seed``."""
+    rng = np.random.default_rng(0)
+    n = 120
+    y = (rng.random((n, 6)) < 0.25).astype(np.float32)
+    y[:, 5] = y[:, :5].max(axis=1)
+    noise = np.random.default_rng(noise_seed).random((n, 6))
+    p = np.clip(y * signal + noise * (1 - signal), 0.01, 0.99)
+    return {
+        "y": y,
+        "p": p,
+        "sources": np.asarray(["rsna-png"] * 60 + ["ctich-jpg"] * 60),
+        "groups": np.asarray([f"g{i // 4}" for i in range(n)]),
+        "train_prior": np.full(6, 0.2),
+    }
+
+
+def _fake_run(
+    folder: Path,
+    weights: Path,
+    command: str | None = None,
+    npz: dict[str, np.ndarray] | None = None,
+    nudge: float = 0.0,
+    **training: object,
+) -> Path:
+    """A run folder as ich-train fit leaves it: config.json, exported weights (the tiny
+    ones, one value moved by ``nudge`` so the hash differs) with a training record, and
+    validation_predictions.npz (unless ``npz`` is None)."""
+    import shutil
+    from dataclasses import replace
+
+    import h5py
+
+    from ich_model.weights import read_manifest, write_manifest
+
+    folder.mkdir(parents=True)
+    command = command or FIT_COMMAND.format(out=folder)
+    target = folder / "ich_xception_lstm.weights.h5"
+    shutil.copyfile(weights, target)
+    if nudge:
+        with h5py.File(target, "r+") as f:
+            names: list[str] = []
+            f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+            d = f[sorted(names)[0]]
+            d[...] = d[...] + nudge
+    manifest, _ = read_manifest(weights)
+    record = {
+        "data": ["/data/rsna-png", "/data/ctich-jpg"],
+        "formats": [None, None],
+        "seed": 0,
+        "val_fraction": 0.34,
+        "validation_counts": {"rsna-png": {"slices": 60}, "ctich-jpg": {"slices": 60}},
+        "best_epoch": 2,
+        "epochs_run": 3,
+        "command": command,
+        **training,
+    }
+    write_manifest(target, replace(manifest, trained=True, training=record))
+    (folder / "config.json").write_text(json.dumps({"out": str(folder), "command": command}))
+    if npz is not None:
+        np.savez(folder / "validation_predictions.npz", **npz)  # type: ignore[arg-type]
+    return target
+
+
+@pytest.fixture
+def installed(tiny_weights, tmp_path, model_cache):
+    """Tiny weights from a phantom first run, installed with their card into ``dest``."""
+    from training.fit import install
+
+    run1 = tmp_path / "run1"
+    _fake_run(run1, tiny_weights, npz=_validation_predictions(1))
+    dest = tmp_path / "dest"
+    install(run1 / "ich_xception_lstm.weights.h5", dest, dest / "MODEL_CARD.md")
+    return dest / "ich_xception_lstm.weights.h5"
+
+
+def test_check_reproduction_records_a_reproduced_run_and_install_keeps_it_for_its_weights(
+    installed, tiny_weights, tmp_path, capsys
+):
+    from ich_model.weights import read_manifest
+    from training.card import REPRO_BEGIN, REPRO_END
+    from training.fit import install
+
+    manifest, _ = read_manifest(installed)
+    lo, hi = manifest.metrics["weighted_log_loss_ci"]  # install records the CI now
+    assert lo <= manifest.metrics["weighted_log_loss"] <= hi
+    card = installed.parent / "MODEL_CARD.md"
+    text = card.read_text()
+    assert text.count(REPRO_BEGIN) == 1 and "Not checked yet" in text
+    assert "ich-train check-reproduction RUN2 --install" in text
+    assert FIT_COMMAND.format(out=tmp_path / "run1") in text
+
+    run2 = tmp_path / "run2"
+    w2 = _fake_run(run2, tiny_weights, npz=_validation_predictions(2), nudge=1e-3, best_epoch=3)
+    args = ["check-reproduction", str(run2), "--weights", str(installed)]
+    assert train_main(args) == 0
+    out = capsys.readouterr().out
+    assert "REPRODUCED" in out and "NOT" not in out
+    for needle in ("weighted log loss, all", "AUC(any), ctich-jpg", "AUC(any), rsna-png"):
+        assert needle in out
+    assert "best epoch / epochs run" in out and "2 / 3" in out and "3 / 3" in out
+    second_sha = read_manifest(w2)[0].sha256
+    assert manifest.sha256[:16] in out and second_sha[:16] in out
+    record_path = installed.parent / "reproduction.json"
+    assert not record_path.exists()  # only with --install
+
+    assert train_main([*args, "--install"]) == 0
+    record = json.loads(record_path.read_text())
+    assert record["verdict"] == "reproduced" and record["reproduced"] is True
+    assert record["weights_sha256"] == manifest.sha256
+    assert record["run_weights_sha256"] == second_sha
+    assert record["command"] == FIT_COMMAND.format(out=run2)
+    assert record["checked"][:4].isdigit() and record["outside"] == []
+    lo, hi = record["installed"]["auc_any_ci"]
+    assert lo <= record["second_run"]["auc_any"] <= hi
+    text = card.read_text()
+    assert text.count(REPRO_BEGIN) == 1 and text.count(REPRO_END) == 1
+    section = text[text.index(REPRO_BEGIN) : text.index(REPRO_END)]
+    assert "**reproduced**" in section and manifest.sha256 in section and second_sha in section
+    assert FIT_COMMAND.format(out=run2) in section and "Not checked yet" not in text
+
+    # installing the same weights again keeps the section; other weights drop it
+    install(tmp_path / "run1" / "ich_xception_lstm.weights.h5", installed.parent, card)
+    assert "**reproduced**" in card.read_text()
+    install(w2, installed.parent, card)
+    text = card.read_text()
+    assert "**reproduced**" not in text and "Not checked yet" in text
+    assert text.count(REPRO_BEGIN) == 1
+    assert FIT_COMMAND.format(out=run2) in text  # the new weights' own command
+
+
+def test_check_reproduction_names_the_metric_that_fell_outside(
+    installed, tiny_weights, tmp_path, capsys
+):
+    run2 = tmp_path / "run2"
+    _fake_run(run2, tiny_weights, npz=_validation_predictions(3, signal=0.0), nudge=1e-3)
+    args = ["check-reproduction", str(run2), "--weights", str(installed), "--install"]
+    assert train_main(args) == 1
+    out = capsys.readouterr().out
+    assert "NOT REPRODUCED" in out and "AUC(any)" in out and "below the installed 95% CI" in out
+    record = json.loads((installed.parent / "reproduction.json").read_text())
+    assert record["verdict"] == "not reproduced"
+    assert any(o.startswith("AUC(any)") and "below" in o for o in record["outside"])
+    assert "**not reproduced**" in (installed.parent / "MODEL_CARD.md").read_text()
+
+
+def test_check_reproduction_refuses_other_commands_and_missing_predictions(
+    installed, tiny_weights, tmp_path, capsys
+):
+    npz = _validation_predictions(2)
+    base = ["check-reproduction", "--weights", str(installed)]
+    other = FIT_COMMAND.format(out=tmp_path / "a") + " --learning-rate 3e-4"
+    _fake_run(tmp_path / "a", tiny_weights, other, npz, nudge=1e-3)
+    assert train_main([*base, str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--learning-rate: 0.0001 (installed) vs 0.0003 (second run)" in err
+    # the same command line, but another split seed recorded
+    _fake_run(tmp_path / "b", tiny_weights, None, npz, nudge=1e-3, seed=1)
+    assert train_main([*base, str(tmp_path / "b")]) == 2
+    assert "seed: 0 (installed) vs 1 (second run)" in capsys.readouterr().err
+    # the right command, not exported: no validation predictions
+    _fake_run(tmp_path / "c", tiny_weights, None, None, nudge=1e-3)
+    assert train_main([*base, str(tmp_path / "c"), "--install"]) == 2
+    assert f"ich-train export {tmp_path / 'c'}" in capsys.readouterr().err
+    # the installed run itself is no second run
+    assert train_main([*base, str(tmp_path / "run1")]) == 2
+    assert "same --out folder" in capsys.readouterr().err
+    assert not (installed.parent / "reproduction.json").exists()
+
+
+def test_model_card_keeps_the_reproducibility_section_only_for_its_weights():
+    from ich_model.labels import LABELS
+    from ich_model.weights import Manifest
+    from training.card import (
+        REPRO_BEGIN,
+        REPRO_END,
+        model_card,
+        replace_reproduction_section,
+        reproduction_section,
+    )
+
+    rep = {
+        "threshold": 0.1,
+        "sets": {
+            "all": {
+                "n_images": 10,
+                "n_groups": 5,
+                "positives": dict.fromkeys(LABELS, 1),
+                "weighted_log_loss": 0.2,
+                "weighted_log_loss_ci": [0.15, 0.25],
+                "prior_baseline_log_loss": 0.3,
+                "auc": dict.fromkeys(LABELS, 0.8),
+                "auc_ci": {lab: [0.7, 0.9] for lab in LABELS},
+                "any_sensitivity": 0.8,
+                "any_specificity": 0.7,
+            }
+        },
+    }
+    sha = "ab" * 32
+    manifest = Manifest(
+        architecture={"input_size": 64},
+        sha256=sha,
+        weights_file="w.weights.h5",
+        training={"command": "ich-train fit D --out R"},
+    )
+    figures = {"weighted_log_loss": 0.21, "auc_any": 0.79, "per_source": {}}
+    record = {
+        "weights_sha256": sha,
+        "checked": "2025-01-02T03:04:05+00:00",
+        "reproduced": True,
+        "outside": [],
+        "installed": {**figures, "weighted_log_loss_ci": [0.15, 0.25], "auc_any_ci": [0.7, 0.9]},
+        "second_run": figures,
+        "run_weights_sha256": "cd" * 32,
+        "command": "ich-train fit D --out R2",
+    }
+    card = model_card(manifest, rep, sha, reproduction=record)
+    assert card.count(REPRO_BEGIN) == 1 and "**reproduced**" in card and "2025-01-02" in card
+    assert "ich-train fit D --out R2" in card and "check-reproduction" in card
+    other = model_card(manifest, rep, sha, reproduction={**record, "weights_sha256": "ef" * 32})
+    assert "Not checked yet" in other and "**reproduced**" not in other
+    assert "ich-train fit D --out R\n" in other  # names the command to run again
+    again = replace_reproduction_section(card, reproduction_section(None))
+    assert again.count(REPRO_BEGIN) == again.count(REPRO_END) == 1
+    assert replace_reproduction_section(again, reproduction_section(record)) == card

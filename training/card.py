@@ -104,11 +104,16 @@ def model_card(
     rep: dict[str, Any],
     sha256: str,
     int8_record: dict[str, Any] | None = None,
+    reproduction: dict[str, Any] | None = None,
 ) -> str:
     """The Markdown model card; ``int8_record`` (from :func:`find_int8_record`) fills its
-    int8 section, which otherwise says that int8 was not measured for these weights."""
+    int8 section, which otherwise says that int8 was not measured for these weights, and
+    ``reproduction`` (from :func:`find_reproduction_record`) its Reproducibility section,
+    which otherwise says that no second run has been checked."""
     if int8_record is not None and int8_record.get("weights_sha256") != sha256:
         int8_record = None  # a comparison of other weights says nothing about these
+    if reproduction is not None and reproduction.get("weights_sha256") != sha256:
+        reproduction = None  # a second run checked against other weights, likewise
     arch = manifest.architecture
     tr = manifest.training
     lines = [
@@ -264,7 +269,12 @@ def model_card(
         " RUN/ich_xception_lstm.weights.h5`. Runs differing only in seed differed by up to"
         " 0.25 in validation AUC at the same epoch in early experiments; expect the intervals above"
         " to be wide. Then `ich-train quantize --install` measures the int8 model and"
-        " writes its section above.",
+        " writes its section above. A second run from scratch with the same command (another"
+        " `--out` folder) is checked against this card with `ich-train check-reproduction"
+        " RUN2 --install`: it is reproduced when its weighted log loss and AUC(any) fall inside"
+        " the 95% confidence intervals above, and the verdict is recorded below.",
+        "",
+        reproduction_section(reproduction, str(tr.get("command") or "") or None),
         "",
     ]
     return "\n".join(lines)
@@ -373,16 +383,24 @@ def int8_section(record: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def replace_int8_section(text: str, section: str) -> str:
-    """``text`` with its int8 section replaced by ``section`` (inserted if it has none)."""
-    start, end = text.find(INT8_BEGIN), text.find(INT8_END)
-    if start >= 0 and end > start:
-        return text[:start] + section + text[end + len(INT8_END) :]
-    for anchor in _INT8_ANCHORS:
+def _replace_between(
+    text: str, begin: str, end: str, section: str, anchors: Sequence[str] = ()
+) -> str:
+    """``text`` with the part from ``begin`` to ``end`` replaced by ``section``; without
+    one, ``section`` goes before the first of ``anchors`` found, else at the end."""
+    start, stop = text.find(begin), text.find(end)
+    if start >= 0 and stop > start:
+        return text[:start] + section + text[stop + len(end) :]
+    for anchor in anchors:
         at = text.find(anchor)
         if at >= 0:
             return text[:at] + section + "\n\n" + text[at:]
     return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
+
+
+def replace_int8_section(text: str, section: str) -> str:
+    """``text`` with its int8 section replaced by ``section`` (inserted if it has none)."""
+    return _replace_between(text, INT8_BEGIN, INT8_END, section, _INT8_ANCHORS)
 
 
 def write_int8_section(card: Path, record: dict[str, Any] | None) -> None:
@@ -390,3 +408,236 @@ def write_int8_section(card: Path, record: dict[str, Any] | None) -> None:
     text = card.read_text(encoding="utf-8") if card.is_file() else ""
     card.parent.mkdir(parents=True, exist_ok=True)
     card.write_text(replace_int8_section(text, int8_section(record)), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- reproducibility
+
+#: The check of a second training run sits between these lines, so ``ich-train
+#: check-reproduction --install`` can replace it in a card that ``ich-train install`` wrote.
+REPRO_BEGIN = (
+    "<!-- reproducibility: written by ich-train check-reproduction; do not edit by hand -->"
+)
+REPRO_END = "<!-- end of reproducibility -->"
+REPRODUCTION_RECORD = "reproduction.json"
+
+
+class ReproductionError(Exception):
+    """The second run cannot be compared with the installed weights; the message says why."""
+
+
+def find_reproduction_record(folder: Path, manifest: Manifest) -> dict[str, Any] | None:
+    """The ``ich-train check-reproduction`` record for these weights in ``folder``, if any."""
+    try:
+        record = json.loads((Path(folder) / REPRODUCTION_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("weights_sha256") != manifest.sha256:
+        return None
+    return record
+
+
+def _headline(m: dict[str, Any]) -> dict[str, Any]:
+    """The figures a reproduction is judged on, from a report set or a manifest's metrics."""
+
+    def finite(v: Any) -> float | None:
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    def interval(c: Any) -> list[float] | None:
+        return [float(c[0]), float(c[1])] if c else None
+
+    return {
+        "n_images": m.get("n_images"),
+        "weighted_log_loss": finite(m.get("weighted_log_loss")),
+        "weighted_log_loss_ci": interval(m.get("weighted_log_loss_ci")),
+        "auc_any": finite((m.get("auc") or {}).get("any")),
+        "auc_any_ci": interval((m.get("auc_ci") or {}).get("any")),
+    }
+
+
+def summary_from_report(rep: dict[str, Any]) -> dict[str, Any]:
+    """Overall and per-source weighted log loss and AUC(any), with CIs, of a :func:`report`."""
+    sets = rep["sets"]
+    per_source = {k: _headline(v) for k, v in sets.items() if k != "all"}
+    return {**_headline(sets["all"]), "per_source": per_source}
+
+
+def summary_from_manifest(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The same from the metrics ``ich-train install`` stored in a manifest, or None when
+    they lack the weighted log loss's CI (weights installed before it was recorded)."""
+    if metrics.get("weighted_log_loss") is None or not metrics.get("weighted_log_loss_ci"):
+        return None
+    per_source = {k: _headline(v) for k, v in (metrics.get("per_source") or {}).items()}
+    return {**_headline(metrics), "per_source": per_source}
+
+
+_JUDGED = (("weighted_log_loss", "weighted log loss", 4), ("auc_any", "AUC(any)", 3))
+
+
+def outside_intervals(installed: dict[str, Any], second: dict[str, Any]) -> list[str]:
+    """Which of the second run's overall weighted log loss and AUC(any) fall outside the
+    installed weights' 95% CIs (none: reproduced). A result better than the interval counts
+    as outside too: the card's intervals should describe what the command gives."""
+    outside = []
+    for key, name, nd in _JUDGED:
+        ci = installed.get(f"{key}_ci")
+        if not ci:
+            raise ReproductionError(
+                f"the installed weights have no 95% CI of the {name} (too few positives in "
+                "their validation split), so a second run cannot be judged against it"
+            )
+        v = second.get(key)
+        if v is None:
+            outside.append(f"{name} could not be measured on the second run")
+        elif not ci[0] <= v <= ci[1]:
+            side = "below" if v < ci[0] else "above"
+            outside.append(
+                f"{name} {v:.{nd}f} is {side} the installed 95% CI {ci[0]:.{nd}f} to {ci[1]:.{nd}f}"
+            )
+    return outside
+
+
+def reproduction_record(
+    *,
+    weights_sha256: str,
+    installed_command: str,
+    installed: dict[str, Any],
+    installed_epochs: tuple[Any, Any],
+    run: Path,
+    run_weights_sha256: str | None,
+    run_command: str,
+    second: dict[str, Any],
+    second_epochs: tuple[Any, Any],
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The record ``ich-train check-reproduction`` prints and, with --install, writes."""
+    from datetime import UTC, datetime
+
+    outside = outside_intervals(installed, second)
+    return {
+        "check": "ich-train check-reproduction",
+        "checked": datetime.now(UTC).isoformat(timespec="seconds"),
+        "weights_sha256": weights_sha256,
+        "installed_command": installed_command,
+        "installed": {
+            **installed,
+            "best_epoch": installed_epochs[0],
+            "epochs_run": installed_epochs[1],
+        },
+        "run": str(run),
+        "run_weights_sha256": run_weights_sha256,
+        "command": run_command,
+        "second_run": {**second, "best_epoch": second_epochs[0], "epochs_run": second_epochs[1]},
+        "reproduced": not outside,
+        "verdict": "reproduced" if not outside else "not reproduced",
+        "outside": outside,
+        "notes": list(notes),
+    }
+
+
+def _rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(what, installed with its CI, second run) for the overall and per-source figures."""
+    a, b = record["installed"], record["second_run"]
+    rows = []
+    pa, pb = a.get("per_source") or {}, b.get("per_source") or {}
+    sets = [("all", a, b)] + [(s, pa.get(s, {}), pb.get(s, {})) for s in sorted({*pa, *pb})]
+    for name, x, y in sets:
+        for key, label, nd in _JUDGED:
+            ci = x.get(f"{key}_ci")
+            inst = _num(x.get(key), nd) + (f" ({ci[0]:.{nd}f} to {ci[1]:.{nd}f})" if ci else "")
+            rows.append((f"{label}, {name}", inst, _num(y.get(key), nd)))
+    rows.append(
+        (
+            "best epoch / epochs run",
+            f"{a.get('best_epoch')} / {a.get('epochs_run')}",
+            f"{b.get('best_epoch')} / {b.get('epochs_run')}",
+        )
+    )
+    return rows
+
+
+def format_reproduction(record: dict[str, Any]) -> str:
+    """The comparison as a plain-text table with the verdict, for the terminal."""
+    run_sha = record.get("run_weights_sha256")
+    rows = [
+        ("", "installed (95% CI)", "second run"),
+        (
+            "weights sha256",
+            str(record["weights_sha256"])[:16],
+            str(run_sha)[:16] if run_sha else "n/a",
+        ),
+        *_rows(record),
+    ]
+    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    lines = [f"{r[0]:{w0}s}  {r[1]:{w1}s}  {r[2]}" for r in rows]
+    lines += [f"note: {n}" for n in record.get("notes") or []]
+    if record["reproduced"]:
+        lines.append(
+            "verdict: REPRODUCED (weighted log loss and AUC(any) inside the installed 95% CIs)"
+        )
+    else:
+        lines.append("verdict: NOT REPRODUCED: " + "; ".join(record["outside"]))
+    return "\n".join(lines)
+
+
+def reproduction_section(record: dict[str, Any] | None, command: str | None = None) -> str:
+    """The model card's Reproducibility section: the check of a second run (``record``, an
+    ``ich-train check-reproduction`` record), or a note that none was checked yet."""
+    lines = [REPRO_BEGIN, "## Reproducibility", ""]
+    if record is None:
+        lines += [
+            "Not checked yet for these weights: no second run from scratch has been compared"
+            " with this card. Train one with the training command above, changing only"
+            " `--out`"
+            + (f":\n\n```\n{command}\n```\n\n" if command else " ")
+            + "then run `ich-train check-reproduction RUN2 --install` (RUN2 being that"
+            " `--out` folder). It records here whether the second run's weighted log loss and"
+            " AUC(any) fall inside the 95% confidence intervals above.",
+            "",
+            REPRO_END,
+        ]
+        return "\n".join(lines)
+    verdict = "reproduced" if record.get("reproduced") else "not reproduced"
+    why = (
+        "its weighted log loss and AUC(any) fall inside the 95% confidence intervals above"
+        if record.get("reproduced")
+        else "; ".join(record.get("outside") or [])
+    )
+    run_sha = record.get("run_weights_sha256")
+    lines += [
+        f"Checked by `ich-train check-reproduction` on {str(record.get('checked', ''))[:10]}"
+        f" for the weights with sha256 `{record.get('weights_sha256')}`: a second training run"
+        " from scratch with the same command (only `--out` differs), scored on the same"
+        " validation split"
+        + (f" (its weights: sha256 `{run_sha}`)" if run_sha else "")
+        + f". Verdict: **{verdict}** ({why}).",
+        "",
+        "| | these weights (95% CI) | second run |",
+        "|---|---|---:|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in _rows(record)),
+        "",
+        "The second run:",
+        "",
+        "```",
+        str(record.get("command", "")),
+        "```",
+        "",
+        *(f"- {n}" for n in record.get("notes") or []),
+        *([""] if record.get("notes") else []),
+        REPRO_END,
+    ]
+    return "\n".join(lines)
+
+
+def replace_reproduction_section(text: str, section: str) -> str:
+    """``text`` with its Reproducibility section replaced by ``section`` (appended if none)."""
+    return _replace_between(text, REPRO_BEGIN, REPRO_END, section)
+
+
+def write_reproduction_section(
+    card: Path, record: dict[str, Any] | None, command: str | None = None
+) -> None:
+    """Write (or replace) the Reproducibility section of the model card at ``card``."""
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    card.parent.mkdir(parents=True, exist_ok=True)
+    section = reproduction_section(record, command)
+    card.write_text(replace_reproduction_section(text, section), encoding="utf-8")

@@ -548,7 +548,7 @@ def install(weights: Path, dest: Path, card: Path | None = None) -> Path:
     from dataclasses import replace
 
     from ich_model.weights import manifest_path_for, read_manifest, write_manifest
-    from training.card import find_int8_record, model_card, report
+    from training.card import find_int8_record, find_reproduction_record, model_card, report
 
     manifest, wpath = read_manifest(weights)
     npz = wpath.parent / "validation_predictions.npz"
@@ -561,6 +561,7 @@ def install(weights: Path, dest: Path, card: Path | None = None) -> Path:
             + ", ".join(k for k in rep["sets"] if k != "all")
             + ")",
             "weighted_log_loss": allm["weighted_log_loss"],
+            "weighted_log_loss_ci": allm["weighted_log_loss_ci"],
             "prior_baseline_log_loss": allm["prior_baseline_log_loss"],
             "auc": allm["auc"],
             "auc_ci": allm["auc_ci"],
@@ -586,8 +587,10 @@ def install(weights: Path, dest: Path, card: Path | None = None) -> Path:
         final, _ = read_manifest(target)
         # The int8 comparison stays only when one was measured for these weights (ich-train
         # quantize --install writes it next to them); a card for new weights drops the old one.
+        # So does the check of a second run (ich-train check-reproduction --install).
         int8 = find_int8_record(dest, final)
-        card.write_text(model_card(final, rep, final.sha256, int8), encoding="utf-8")
+        repro = find_reproduction_record(dest, final)
+        card.write_text(model_card(final, rep, final.sha256, int8, repro), encoding="utf-8")
         log.info("wrote model card %s", card)
     ship_onnx(target)
     log.info("installed %s -> %s", wpath, target)
