@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -441,10 +442,63 @@ def load_onnx_float32(
                 return Loaded(backend)
         except ConversionError as exc:
             log.warning("%s; converting again", exc)
-    model = build_keras(manifest, weights_path)
     out = writable_cache_dir(environ) / onnx_file_name(manifest, "float32")
-    export_onnx(model, manifest, out)
-    return Loaded(OnnxBackend(out, threads), keras_model=model)
+    if getattr(sys, "frozen", False):  # a bundled app cannot start ``python -m``
+        model = build_keras(manifest, weights_path)
+        export_onnx(model, manifest, out)
+        return Loaded(OnnxBackend(out, threads), keras_model=model)
+    convert_in_child(weights_path, out, environ)
+    return Loaded(OnnxBackend(out, threads))
+
+
+_children: set[Any] = set()
+_children_lock = threading.Lock()
+
+
+def cancel_conversions() -> int:
+    """Kill every conversion child still running (a window closing); returns how many.
+    The thread waiting for one then gets a :class:`ConversionError`."""
+    with _children_lock:
+        running = [p for p in _children if p.poll() is None]
+    for proc in running:
+        proc.kill()
+    return len(running)
+
+
+def convert_in_child(
+    weights_path: Path, out: Path, environ: Mapping[str, str] = os.environ
+) -> None:
+    """:func:`export_onnx` in a child Python (``python -m ich_model.convert``).
+
+    TensorFlow then never enters this process: no gigabyte of it left resident, no GUI
+    thread stalled while its modules initialise holding the GIL, and a viewer closed
+    during a first conversion need not wait for it (the child is killed).
+    """
+    import subprocess
+
+    cmd = [sys.executable, "-m", "ich_model.convert", str(weights_path), str(out)]
+    env = dict(environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    with _children_lock:
+        _children.add(proc)
+    try:
+        output, _ = proc.communicate()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        with _children_lock:
+            _children.discard(proc)
+    if proc.returncode != 0 or not out.is_file():
+        lines = [ln for ln in output.splitlines() if ln.strip() and "0000 00:00" not in ln]
+        why = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise ConversionError(f"{weights_path}: conversion to ONNX failed: {why}")
+    log.info("converted %s in a child process in %.1f s", weights_path, time.perf_counter() - t0)
 
 
 def int8_record_path(onnx_path: Path) -> Path:

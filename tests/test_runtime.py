@@ -153,6 +153,7 @@ def test_second_predictor_reuses_the_cached_model(cache, weights, onnx_predictor
     calls = []
     monkeypatch.setattr(runtime, "export_onnx", lambda *a, **k: calls.append(a))
     monkeypatch.setattr(runtime, "build_keras", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(runtime, "convert_in_child", lambda *a, **k: calls.append(a))
     again = Predictor(weights, batch_size=4)
     assert calls == [] and cached.stat().st_mtime_ns == before
     assert again.runtime == onnx_predictor.runtime
@@ -242,7 +243,7 @@ def test_failed_conversion_falls_back_to_tensorflow(tmp_path, monkeypatch, caplo
     def broken(*args: object, **kwargs: object) -> Path:
         raise runtime.ConversionError("simulated converter failure")
 
-    monkeypatch.setattr(runtime, "export_onnx", broken)
+    monkeypatch.setattr(runtime, "convert_in_child", broken)
     with caplog.at_level(logging.WARNING, logger="ich_model.runtime"):
         p = Predictor(w, batch_size=4)
     assert p.runtime.startswith("tensorflow") and "fallback" in p.runtime
@@ -374,6 +375,27 @@ def test_onnx_matches_keras_at_the_bundled_size(tmp_path, monkeypatch):
     x = onnx_p.preprocess(_phantom_hu(tmp_path))
     if RSNA_DCM.is_dir():
         x = np.concatenate([x, onnx_p.preprocess(_real_hu())])
-    keras_out = np.asarray(onnx_p._keras_model(x, training=False))
+    manifest, _ = read_manifest(w)
+    keras_out = np.asarray(runtime.build_keras(manifest, w)(x, training=False))
     assert keras_out.std(axis=0).max() > 1e-3
     np.testing.assert_allclose(onnx_p.predict_inputs(x), keras_out, atol=1e-4, rtol=0)
+
+
+def test_conversion_runs_in_a_child_and_reports_its_failure(tmp_path, monkeypatch):
+    """The scoring process never imports TensorFlow, even to convert; a failing child's
+    last words become the ConversionError."""
+    w = _spread_weights(tmp_path / "k.weights.h5", seed=4)
+    out = tmp_path / "cache" / "model.onnx"
+    out.parent.mkdir()
+    code = (
+        "import sys; from pathlib import Path; from ich_model import runtime;"
+        f"runtime.convert_in_child(Path({str(w)!r}), Path({str(out)!r}));"
+        "sys.exit(3 if 'tensorflow' in sys.modules else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert runtime.OnnxBackend(out).activations_name is not None
+    broken = tmp_path / "broken.weights.h5"
+    broken.write_bytes(b"not weights")
+    with pytest.raises(runtime.ConversionError, match=r"broken\.weights\.h5"):
+        runtime.convert_in_child(broken, tmp_path / "cache" / "b.onnx")

@@ -384,9 +384,13 @@ class ModelWorker(QObject):
         self._gradcamRequested.emit()
 
     def stop(self) -> None:
-        """Before quitting the thread: cancel everything, serve nothing more."""
+        """Before quitting the thread: cancel everything, serve nothing more (a first
+        conversion of the weights, running in a child process, is killed)."""
         self._stopping = True
         self._wanted_job = 0
+        runtime = sys.modules.get("ich_model.runtime")  # loaded only by the model thread
+        if runtime is not None:
+            runtime.cancel_conversions()
         with self._lock:
             self._pending_gradcam = None
 
