@@ -84,8 +84,8 @@ def stop_thread(thread: QThread) -> None:
     """Quit a worker thread's event loop and wait until it has stopped.
 
     The wait can last up to one model batch, or the rest of a model load (a first-time
-    conversion takes minutes): jobs see their cancel flag between batches, and neither
-    runtime can be interrupted mid-call. It has no time limit on purpose: a QThread
+    conversion runs in a child process that ``ModelWorker.stop`` kills): jobs see their
+    cancel flag between batches, and neither runtime can be interrupted mid-call. It has no time limit on purpose: a QThread
     destroyed while it runs aborts the whole process.
     """
     if not thread.isRunning():
