@@ -762,6 +762,18 @@ def test_check_reproduction_names_the_metric_that_fell_outside(
     assert "**not reproduced**" in (installed.parent / "MODEL_CARD.md").read_text()
 
 
+def test_check_reproduction_accepts_bit_identical_weights_from_another_folder(
+    installed, tiny_weights, tmp_path, capsys
+):
+    """Training is deterministic here: the same command in another --out folder gave the
+    very same bytes (the bundled weights' real check); that is a reproduction, said so."""
+    run2 = tmp_path / "run2"
+    _fake_run(run2, tiny_weights, npz=_validation_predictions(1))  # as run1, no nudge
+    assert train_main(["check-reproduction", str(run2), "--weights", str(installed)]) == 0
+    out = capsys.readouterr().out
+    assert "REPRODUCED" in out and "bit-identical" in out
+
+
 def test_check_reproduction_refuses_other_commands_and_missing_predictions(
     installed, tiny_weights, tmp_path, capsys
 ):

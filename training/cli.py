@@ -696,7 +696,12 @@ def _same_training(manifest: Any, second: dict[str, Any]) -> list[str]:
             "--out may differ):\n  " + "\n  ".join(diffs)
         )
     if second["sha256"] is not None and second["sha256"] == manifest.sha256:
-        raise _Refused("the second run's weights are the installed weights themselves")
+        # Another folder (the installed run's own is refused above), same bytes: training
+        # was deterministic (same seed, data, thread count and libraries).
+        notes.append(
+            "the second run's weights are bit-identical to the installed ones: training was "
+            "deterministic on this machine"
+        )
     return notes
 
 
