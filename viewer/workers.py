@@ -85,8 +85,8 @@ def stop_thread(thread: QThread) -> None:
 
     The wait can last up to one model batch, or the rest of a model load (a first-time
     conversion runs in a child process that ``ModelWorker.stop`` kills): jobs see their
-    cancel flag between batches, and neither runtime can be interrupted mid-call. It has no time limit on purpose: a QThread
-    destroyed while it runs aborts the whole process.
+    cancel flag between batches, and neither runtime can be interrupted mid-call. It has
+    no time limit on purpose: a QThread destroyed while it runs aborts the whole process.
     """
     if not thread.isRunning():
         return
