@@ -158,18 +158,24 @@ class OnnxGradcam:
 
     @classmethod
     def from_file(cls, onnx_path: Path, weights_path: Path, timesteps: int) -> OnnxGradcam:
-        """For a float32 model converted without the activations output (older versions)."""
-        import onnx
+        """From a float32 model file (when int8 scores); one converted before the
+        activations were an output gets that output added in memory."""
         import onnxruntime as ort
 
-        proto = onnx.load(str(onnx_path))
-        conv = add_activations_output(proto)
-        prob, feed = proto.graph.output[0].name, proto.graph.input[0].name
         options = ort.SessionOptions()
         options.intra_op_num_threads = 0  # one map at a time: every core on it
-        session = ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        cpu = ["CPUExecutionProvider"]
+        session = ort.InferenceSession(str(onnx_path), options, providers=cpu)
+        names = [o.name for o in session.get_outputs()]
+        if len(names) < 2:
+            import onnx
+
+            proto = onnx.load(str(onnx_path))
+            add_activations_output(proto)
+            session = ort.InferenceSession(proto.SerializeToString(), options, providers=cpu)
+            names = [o.name for o in session.get_outputs()]
+        prob, conv = names[0], names[1]
+        feed = session.get_inputs()[0].name
 
         def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             p, a = session.run([prob, conv], {feed: x.astype(np.float32)})

@@ -40,18 +40,6 @@ MIN_STRIP_GAIN = 256 * 1024
 #: Lines of TensorFlow's C++ logging that PyInstaller's helper processes print.
 _NOISE = re.compile(r"^(I0000|E0000|W0000|WARNING: All log messages before absl|To enable the)")
 
-_CONVERT = """
-import sys
-from pathlib import Path
-from ich_model.runtime import build_keras, export_onnx, onnx_file_name
-from ich_model.weights import read_manifest
-manifest, weights = read_manifest(Path(sys.argv[1]))
-out = Path(sys.argv[2]) / onnx_file_name(manifest, "float32")
-if not out.is_file():  # resources/weights may ship it already
-    export_onnx(build_keras(manifest, weights), manifest, out)
-print(out)
-"""
-
 
 @dataclass(frozen=True)
 class Result:
@@ -132,23 +120,17 @@ def convert_bundled_weights(folder: Path) -> Path | None:
     if not BUNDLED_WEIGHTS.is_file():
         print("no bundled weights (resources/weights): the app will say 'no model weights found'")
         return None
-    dest = folder / "_internal" / "resources" / "weights"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [sys.executable, "-c", _CONVERT, str(BUNDLED_WEIGHTS), str(dest)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        print(
-            f"note: could not convert {BUNDLED_WEIGHTS.name} to ONNX; the app will convert it "
-            f"at first use\n{tail}"
-        )
-        return None
-    out = Path(proc.stdout.strip().splitlines()[-1])
+    from ich_model.runtime import ConversionError, convert_in_child, onnx_file_name
+    from ich_model.weights import read_manifest
+
+    manifest, _ = read_manifest(BUNDLED_WEIGHTS)
+    out = folder / "_internal" / "resources" / "weights" / onnx_file_name(manifest, "float32")
+    if not out.is_file():  # resources/weights normally ships it (ich-train install)
+        try:
+            convert_in_child(BUNDLED_WEIGHTS, out)
+        except ConversionError as exc:
+            print(f"note: {exc}; the app will convert the weights at first use")
+            return None
     size = human(out.stat().st_size)
     print(f"bundled weights as ONNX: {out.relative_to(folder)} ({size})")
     return out

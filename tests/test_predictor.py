@@ -152,3 +152,25 @@ def test_gradcam_of_the_bundled_model_on_real_bleeds():
         assert np.allclose(cam, tf_path.gradcam(hu, "any"), atol=1e-4)
         shown += bool(cam.max() > 0)
     assert shown >= 1  # the model looked somewhere on at least one bleed
+
+
+def test_gradcam_from_a_file_converted_without_the_activations_output(
+    predictor, tiny_weights, tmp_path
+):
+    """int8 scores but float32 maps: from the float32 file, adding the activations output
+    in memory when an older conversion lacks it."""
+    import onnx
+
+    from ich_model.gradcam import OnnxGradcam
+    from ich_model.runtime import find_cached
+
+    path = find_cached(predictor.manifest, tiny_weights, "float32")
+    assert path is not None
+    proto = onnx.load(str(path))
+    del proto.graph.output[1:]
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    x = predictor.preprocess(_series(1, 64).hu)[0]
+    new_map = OnnxGradcam.from_file(path, tiny_weights, 32)(x, 5)
+    old_map = OnnxGradcam.from_file(old, tiny_weights, 32)(x, 5)
+    np.testing.assert_allclose(old_map, new_map, atol=1e-6)
