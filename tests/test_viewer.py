@@ -539,11 +539,17 @@ def test_main_screenshot_offscreen(qtbot, small, tiny_weights, tmp_path):
     _check_screenshot(out, (1280, 800))
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    return env
+def _python(args: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` from the repository, offscreen unless ``env`` says otherwise; asserts
+    that it exits 0 (the message ends with its output)."""
+    full = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", QT_QPA_PLATFORM="offscreen")
+    full["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    full.update(env)
+    run = subprocess.run(
+        [sys.executable, *args], env=full, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    return run
 
 
 @pytest.mark.slow
@@ -553,21 +559,9 @@ def test_screenshot_under_xvfb(small, tiny_weights, tmp_path):
             pytest.skip(
                 "Xvfb is not installed (apt-get install xvfb); the offscreen test covers the rest"
             )
-        env = _env()
-        env.update(DISPLAY=display, QT_QPA_PLATFORM="xcb")
         out = tmp_path / "xvfb.png"
-        cmd = [
-            sys.executable,
-            "-m",
-            "viewer.app",
-            str(small),
-            "--screenshot",
-            str(out),
-            "--weights",
-            str(tiny_weights),
-        ]
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
-        assert run.returncode == 0, run.stderr[-3000:]
+        args = ["-m", "viewer.app", str(small), "--screenshot", str(out), "--weights"]
+        _python([*args, str(tiny_weights)], 180, DISPLAY=display, QT_QPA_PLATFORM="xcb")
         _check_screenshot(out, (1440, 900))
 
 
@@ -582,17 +576,7 @@ def test_window_shows_before_tensorflow_is_imported(tmp_path):
         sys.exit(rc)
         """
     )
-    env = _env()
-    env["QT_QPA_PLATFORM"] = "offscreen"
-    run = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _python(["-c", script], 60)
     assert run.stdout.startswith("shown ")
 
 
@@ -629,17 +613,7 @@ def test_the_model_runtime_is_imported_off_the_gui_thread(tmp_path, small, tiny_
         sys.exit(0 if where and not any(where.values()) and w.model_state == "ready" else 1)
         """
     )
-    env = _env()
-    env["QT_QPA_PLATFORM"] = "offscreen"
-    run = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    _python(["-c", script], 120)
 
 
 @pytest.mark.slow
@@ -647,17 +621,7 @@ def test_heat_map_with_the_tensorflow_runtime_does_not_hang(small, tiny_weights,
     """Grad-CAM, then the first scoring call, both tracing a ``tf.function`` on the model
     thread: this deadlocked (the model thread waited for the GIL it held) until worker
     threads kept one Python thread state for life (``viewer.workers.pin_thread_state``)."""
-    env = _env()
-    env.update(QT_QPA_PLATFORM="offscreen", ICH_RUNTIME="tensorflow")
     out = tmp_path / "heat.png"
     args = [str(small), "--weights", str(tiny_weights), "--screenshot", str(out), "--heatmap"]
-    run = subprocess.run(
-        [sys.executable, "-m", "viewer.app", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    _python(["-m", "viewer.app", *args], 180, ICH_RUNTIME="tensorflow")
     assert cv2.imread(str(out)) is not None
