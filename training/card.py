@@ -262,6 +262,9 @@ def model_card(
         " outside the two source datasets; calcifications and hyperdense vessels can look like"
         " blood to it.",
         "- Not analysed: sagittal or coronal reformats, non-CT series (refused by the loader).",
+        "- Synthetic phantoms, such as the bundled demo study, look like nothing it was trained"
+        " on: its probabilities there demonstrate the viewer, not the model (on the demo it"
+        " flags slices the phantom has no bleed in).",
         "",
         "## Reproduce",
         "",
