@@ -22,7 +22,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before any QApplication
 import cv2
 import numpy as np
 import pytest
-from PySide6.QtCore import QMimeData, QPoint, QPointF, QSettings, Qt, QUrl
+from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent, QMouseEvent, QWheelEvent
 from PySide6.QtWidgets import QApplication, QMessageBox
 
@@ -30,6 +30,7 @@ from ich_model.labels import LABELS, NOT_FOR_DIAGNOSIS, UNTRAINED_WARNING
 from ich_model.phantom import PhantomSpec, write_series
 from ich_model.weights import read_manifest
 from ich_model.windowing import WindowPreset, apply_window, window_to_uint8
+from tests.windows import window_factory
 from tests.xvfb import xvfb_display
 from viewer.app import install_excepthook, main
 from viewer.qt_main_window import QtMainWindow
@@ -72,26 +73,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_window(qtbot, tmp_path: Path) -> Iterator[Callable[..., QtMainWindow]]:
     """Build main windows with test settings; at the end close them and check their threads."""
-    windows: list[QtMainWindow] = []
-
-    def make(**kwargs) -> QtMainWindow:
-        kwargs.setdefault(
-            "settings", QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-        )
-        kwargs.setdefault("remember", False)
-        kwargs.setdefault("dialogs", False)
-        w = QtMainWindow(**kwargs)
-        w.resize(1200, 800)
-        w.show()
-        qtbot.waitExposed(w)
-        windows.append(w)
-        return w
-
-    yield make
-    for w in windows:
-        threads = w.threads
-        w.close()
-        assert all(not t.isRunning() for t in threads), "a worker thread outlived its window"
+    yield from window_factory(qtbot, tmp_path)
 
 
 def open_and_wait(qtbot, w: QtMainWindow, paths: list[Path]) -> None:

@@ -19,10 +19,10 @@ from typing import Any
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before any QApplication exists
 
 import pytest
-from PySide6.QtCore import QSettings
 
 from ich_model.labels import NOT_FOR_DIAGNOSIS, UNTRAINED_WARNING
 from ich_model.phantom import PhantomSpec, write_series
+from tests.windows import window_factory
 from viewer.qt_batch import STATUS_COLUMN, QtBatchDialog, ReportingPredictor, install_batch
 from viewer.qt_main_window import QtMainWindow
 from viewer.qt_pacs_tasks import running_threads
@@ -55,28 +55,11 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_window(qtbot, tmp_path: Path) -> Iterator[Callable[..., QtMainWindow]]:
     """Windows with the batch tool; at the end closed, with no worker thread left running."""
-    windows: list[QtMainWindow] = []
 
-    def make(**kwargs: Any) -> QtMainWindow:
-        kwargs.setdefault(
-            "settings", QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-        )
-        kwargs.setdefault("remember", False)
-        kwargs.setdefault("dialogs", False)
-        kwargs.setdefault("load_model", False)
-        w = QtMainWindow(**kwargs)
+    def install(w: QtMainWindow) -> None:
         w.batch_tool = install_batch(w)  # type: ignore[attr-defined]
-        w.resize(1200, 800)
-        w.show()
-        qtbot.waitExposed(w)
-        windows.append(w)
-        return w
 
-    yield make
-    for w in windows:
-        threads = w.threads
-        w.close()
-        assert all(not t.isRunning() for t in threads)
+    yield from window_factory(qtbot, tmp_path, install=install, load_model=False)
     assert not running_threads(), "a batch worker thread outlived its window"
 
 

@@ -18,20 +18,19 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before any QApplication exists
 
 import numpy as np
 import pytest
 from pydicom import dcmread
-from PySide6.QtCore import QSettings
 
 from ich_model import pacs
 from ich_model.labels import LABELS
 from ich_model.pacs import ListenerSettings, PacsConfig, PacsNode
 from ich_model.phantom import PhantomSeries, PhantomSpec, write_series
 from tests.orthanc import Modality, OrthancServer, free_port, orthanc_binary, running_orthanc
+from tests.windows import window_factory
 from viewer.qt_main_window import QtMainWindow
 from viewer.qt_pacs import QtPacsTools, install_pacs
 from viewer.qt_pacs_tasks import running_threads
@@ -67,30 +66,23 @@ def config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def make_window(qtbot, tmp_path: Path) -> Iterator[Callable[..., QtMainWindow]]:
     """Windows with the PACS tools; at the end closed, every tool thread and listener stopped."""
-    windows: list[QtMainWindow] = []
 
-    def make(autostart: bool = False, **kwargs: Any) -> QtMainWindow:
-        kwargs.setdefault(
-            "settings", QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-        )
-        kwargs.setdefault("remember", False)
-        kwargs.setdefault("dialogs", False)
-        kwargs.setdefault("load_model", False)
-        w = QtMainWindow(**kwargs)
+    made: list[QtMainWindow] = []
+
+    def install(w: QtMainWindow, autostart: bool = False) -> None:
         w.pacs_tools = install_pacs(w, autostart=autostart)  # type: ignore[attr-defined]
-        w.resize(1200, 800)
-        w.show()
-        qtbot.waitExposed(w)
-        windows.append(w)
-        return w
+        made.append(w)
 
-    yield make
-    for w in windows:
-        tools: QtPacsTools = w.pacs_tools  # type: ignore[attr-defined]
-        threads = w.threads + tools.threads()
-        w.close()
-        assert all(not t.isRunning() for t in threads)
-        assert tools.listener is None
+    windows = window_factory(
+        qtbot,
+        tmp_path,
+        install=install,
+        install_args=("autostart",),
+        extra_threads=lambda w: _tools(w).threads(),
+        load_model=False,
+    )
+    yield from windows
+    assert all(_tools(w).listener is None for w in made), "a listener outlived its window"
     assert not running_threads(), "a PACS worker thread outlived its window"
 
 

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import QEvent, QObject, Qt, QThread, QUrl, Signal, Slot
 from PySide6.QtGui import QAction, QColor, QDesktopServices, QFont
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QCheckBox,
     QDialog,
     QFileDialog,
@@ -38,7 +37,6 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
 )
@@ -47,7 +45,7 @@ from ich_model.labels import LABELS, NOT_FOR_DIAGNOSIS, SHORT_NAMES
 from ich_model.series import CTSeries
 from ich_model.weights import WeightsError
 from viewer.qt_pacs_tasks import import_engine, track_thread
-from viewer.qt_theme import ERROR, LABEL_COLORS, MUTED, WARNING, add_model_header
+from viewer.qt_theme import ERROR, LABEL_COLORS, MUTED, WARNING, add_model_header, results_table
 from viewer.workers import (
     _collector_paused,
     _import_predictor,
@@ -501,12 +499,7 @@ class QtBatchDialog(QDialog):
         self.rate_label.setObjectName("modelStatus")
         layout.addWidget(self.rate_label)
 
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(list(COLUMNS))
-        self.table.verticalHeader().setVisible(False)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table = results_table(COLUMNS)
         self.table.setAlternatingRowColors(True)
         # rows stay in the order they finished until a header is clicked
         self.table.horizontalHeader().setSortIndicator(-1, Qt.SortOrder.AscendingOrder)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor, QIcon, QPixmap
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -21,7 +20,6 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSizePolicy,
     QSlider,
-    QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
@@ -29,7 +27,7 @@ from PySide6.QtWidgets import (
 
 from ich_model.labels import LABELS, SHORT_NAMES
 from viewer.overlay import format_percent
-from viewer.qt_theme import LABEL_COLORS, MUTED, add_model_header
+from viewer.qt_theme import LABEL_COLORS, MUTED, add_model_header, results_table
 from viewer.scores import LiveScores, compact_ranges
 
 
@@ -76,12 +74,7 @@ class QtFindingsPanel(QWidget):
         row.addWidget(self.threshold_hint, 1)
         layout.addLayout(row)
 
-        self.table = QTableWidget(len(LABELS), 3)
-        self.table.setHorizontalHeaderLabels(["", "Max", "Slices ≥ threshold"])
-        self.table.verticalHeader().setVisible(False)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table = results_table(["", "Max", "Slices ≥ threshold"], rows=len(LABELS))
         self.table.setFocusPolicy(Qt.FocusPolicy.NoFocus)
         self.table.setWordWrap(True)
         header = self.table.horizontalHeader()

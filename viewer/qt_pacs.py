@@ -33,7 +33,6 @@ import numpy as np
 from PySide6.QtCore import QDate, QEvent, QObject, Qt, QTimer, Signal, Slot
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDateEdit,
@@ -48,7 +47,6 @@ from PySide6.QtWidgets import (
     QMenu,
     QProgressBar,
     QPushButton,
-    QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
 )
@@ -58,7 +56,7 @@ from ich_model.series import CTSeries
 from viewer.qt_pacs_settings import QtPacsSettingsDialog
 from viewer.qt_pacs_tasks import CancelFn, ProgressFn, TaskHandle, TaskRunner, import_engine
 from viewer.qt_series_browser import format_dicom_date
-from viewer.qt_theme import ERROR, MUTED
+from viewer.qt_theme import ERROR, MUTED, results_table
 from viewer.workers import GradcamRequest
 
 if TYPE_CHECKING:
@@ -584,12 +582,43 @@ def install_pacs(
 # ----------------------------------------------------------------------------- find
 
 
-class QtPacsFindDialog(QDialog):
+class _PacsTaskDialog(QDialog):
+    """What the find and send dialogs share: one PACS task at a time, its progress and errors.
+
+    A subclass sets `tools`, `status_label`, `progress` and `_task` when it builds itself.
+    """
+
+    failed = Signal(str)
+
+    tools: QtPacsTools
+    status_label: QLabel
+    progress: QProgressBar
+    _task: TaskHandle | None
+
+    @Slot(int, int)
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.setRange(0, max(total, done))
+        self.progress.setValue(done)
+
+    @Slot(str)
+    def _on_error(self, message: str) -> None:
+        _status(self.status_label, message, "error")
+        self.tools.window_.statusBar().showMessage(message, 15000)
+        self.failed.emit(message)
+
+    def _cancel_task(self) -> bool:
+        """Ask the running task to stop; False when none runs."""
+        if self._task is None:
+            return False
+        self._task.cancel()
+        return True
+
+
+class QtPacsFindDialog(_PacsTaskDialog):
     """Query a PACS for CT studies, retrieve one into the local store, open it."""
 
     searched = Signal(object)  # list[StudyMatch]
     retrieved = Signal(object)  # RetrievedStudy
-    failed = Signal(str)
 
     def __init__(self, tools: QtPacsTools) -> None:
         super().__init__(tools.window_)
@@ -659,12 +688,7 @@ class QtPacsFindDialog(QDialog):
         buttons.addWidget(self.settings_button)
         layout.addLayout(buttons)
 
-        self.table = QTableWidget(0, len(FIND_COLUMNS))
-        self.table.setHorizontalHeaderLabels(list(FIND_COLUMNS))
-        self.table.verticalHeader().setVisible(False)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table = results_table(FIND_COLUMNS)
         self.table.setAlternatingRowColors(True)
         self.table.setSortingEnabled(True)
         self.table.setToolTip("Double-click a study to retrieve it and open it in the viewer")
@@ -883,11 +907,6 @@ class QtPacsFindDialog(QDialog):
         handle.finished.connect(self._on_retrieved)
         return handle
 
-    @Slot(int, int)
-    def _on_progress(self, done: int, total: int) -> None:
-        self.progress.setRange(0, max(total, done))
-        self.progress.setValue(done)
-
     @Slot(object)
     def _on_retrieved(self, got: RetrievedStudy) -> None:
         self.progress.setRange(0, max(got.n_instances, 1))
@@ -902,20 +921,13 @@ class QtPacsFindDialog(QDialog):
             self.tools.window_.open_paths([got.folder])
         self.retrieved.emit(got)
 
-    @Slot(str)
-    def _on_error(self, message: str) -> None:
-        _status(self.status_label, message, "error")
-        self.tools.window_.statusBar().showMessage(message, 15000)
-        self.failed.emit(message)
-
     @Slot()
     def _on_ended(self) -> None:
         self.progress.setVisible(False)
         self._update_buttons()
 
     def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        if self._cancel_task():
             _status(self.status_label, "Cancelling…")
 
     def shutdown(self) -> None:
@@ -929,11 +941,10 @@ class QtPacsFindDialog(QDialog):
 # ----------------------------------------------------------------------------- send
 
 
-class QtPacsSendDialog(QDialog):
+class QtPacsSendDialog(_PacsTaskDialog):
     """Send the report and key images of the series on screen to a PACS node."""
 
     sent = Signal(object)  # SendResult
-    failed = Signal(str)
 
     def __init__(self, tools: QtPacsTools) -> None:
         super().__init__(tools.window_)
@@ -1033,11 +1044,6 @@ class QtPacsSendDialog(QDialog):
         self.refresh()
         return handle
 
-    @Slot(int, int)
-    def _on_progress(self, done: int, total: int) -> None:
-        self.progress.setRange(0, max(total, done))
-        self.progress.setValue(done)
-
     def _on_sent(self, name: str, result: Any) -> None:
         warn = f", {result.warnings} with warnings" if result.warnings else ""
         _status(
@@ -1047,20 +1053,13 @@ class QtPacsSendDialog(QDialog):
         )
         self.sent.emit(result)
 
-    @Slot(str)
-    def _on_error(self, message: str) -> None:
-        _status(self.status_label, message, "error")
-        self.tools.window_.statusBar().showMessage(message, 15000)
-        self.failed.emit(message)
-
     @Slot()
     def _on_ended(self) -> None:
         self.progress.setVisible(False)
         self.refresh()
 
     def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._cancel_task()
 
     def shutdown(self) -> None:
         self.cancel()

@@ -3,9 +3,17 @@ and the one colour per subtype that every view of the results shares."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QFont, QPalette
-from PySide6.QtWidgets import QApplication, QBoxLayout, QLabel
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QApplication,
+    QBoxLayout,
+    QLabel,
+    QTableWidget,
+)
 
 from ich_model.labels import NOT_FOR_DIAGNOSIS, UNTRAINED_WARNING
 
@@ -107,3 +115,14 @@ def add_model_header(layout: QBoxLayout, status: str = "") -> tuple[QLabel, QLab
     status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
     layout.addWidget(status_label)
     return untrained, status_label
+
+
+def results_table(columns: Sequence[str], rows: int = 0) -> QTableWidget:
+    """A read-only table of results: whole rows selected one at a time, no row numbers."""
+    table = QTableWidget(rows, len(columns))
+    table.setHorizontalHeaderLabels(list(columns))
+    table.verticalHeader().setVisible(False)
+    table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+    return table

@@ -16,20 +16,18 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtGui import QColor, QFont
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QDialog,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QPushButton,
-    QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
 )
 
 from ich_model.labels import NOT_FOR_DIAGNOSIS
 from viewer.qt_series_browser import format_dicom_date
-from viewer.qt_theme import ERROR, LABEL_COLORS, MUTED, WARNING
+from viewer.qt_theme import ERROR, LABEL_COLORS, MUTED, WARNING, results_table
 
 if TYPE_CHECKING:
     from viewer.qt_pacs import QtPacsTools
@@ -98,12 +96,7 @@ class QtWorklistDialog(QDialog):
         hint.setStyleSheet(f"color: {MUTED};")
         layout.addWidget(hint)
 
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(list(COLUMNS))
-        self.table.verticalHeader().setVisible(False)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table = results_table(COLUMNS)
         self.table.setAlternatingRowColors(True)
         self.table.setWordWrap(False)
         header = self.table.horizontalHeader()
