@@ -97,12 +97,19 @@ class BatchSummary:
 ProgressFn = Callable[[int, int, int, float], None]  # series done, total, slices done, elapsed
 
 
+def rsna_image_id(sop_uid: str) -> str:
+    """The RSNA 2019 image ID of a slice: ``ID_<SOPInstanceUID>``, except for the challenge's
+    own files, whose SOPInstanceUID already is that ID (``ID_<hex>``)."""
+    return sop_uid if sop_uid.startswith("ID_") else f"ID_{sop_uid}"
+
+
 def prediction_rows(result: ScoreResult) -> str:
     """The RSNA submission rows of one series, as CSV text."""
     buf = io.StringIO()
     for uid, probs in zip(result.sop_uids, result.probabilities, strict=True):
+        image_id = rsna_image_id(uid)
         for lab, p in zip(LABELS, probs, strict=True):
-            buf.write(f"ID_{uid}_{lab},{float(p):.6f}\n")
+            buf.write(f"{image_id}_{lab},{float(p):.6f}\n")
     return buf.getvalue()
 
 

@@ -1047,6 +1047,7 @@ def write_series(
         ds.StudyTime = ds.SeriesTime = "120000"
         ds.ContentTime = f"{12 + i // 3600:02d}{i // 60 % 60:02d}{i % 60:02d}"
         ds.AccessionNumber = accession
+        ds.ReferringPhysicianName = ""  # type 2 in the General Study module: present, empty
         ds.Modality = "CT"
         ds.Manufacturer = MANUFACTURER
         ds.ManufacturerModelName = "ich_model.phantom"

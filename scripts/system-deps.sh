@@ -6,6 +6,14 @@ set -uo pipefail
 pkgs=(xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0 libegl1 libgl1
       libxcb-image0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-xkb1
       libfontconfig1 libdbus-1-3 libglib2.0-0 fonts-dejavu-core dicom3tools dcmtk orthanc openssl)
+# Debian/Ubuntu ship venv (ensurepip) apart from Python: the one setup.sh will use needs it.
+for c in ${PYTHON:-} python3.11 python3.12 python3; do
+  if command -v "$c" >/dev/null 2>&1; then
+    "$c" -c "import ensurepip, venv" >/dev/null 2>&1 ||
+      pkgs+=("$("$c" -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])')")
+    break
+  fi
+done
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -232,11 +232,29 @@ def test_dicomdir(tmp_path):
     np.testing.assert_allclose(s.hu[:, 0, 0], [0, 10, 20])
 
 
-@pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless"])
+def _textured_series(folder):
+    """Two slices with real texture and padding (negative stored values), so a decoder that
+    loses the sign or a bit shows up."""
+    uid = generate_uid()
+    rng = np.random.default_rng(0)
+    out = []
+    for k in range(2):
+        stored = rng.integers(0, 2600, (32, 32)) + 10 * k
+        stored[:4, :4] = -2000
+        out.append(
+            ct_slice(folder / f"t{k}.dcm", series_uid=uid, z=5.0 * k, instance=k + 1, stored=stored)
+        )
+    return out
+
+
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless", "JPEGLSLossless"])
 def test_compressed_transfer_syntaxes(tmp_path, syntax):
     import pydicom.uid
 
-    files = ct_series(tmp_path, n=2)
+    _textured_series(tmp_path / "ref")
+    [ref] = load_study(tmp_path / "ref")
+    shutil.copytree(tmp_path / "ref", tmp_path / "c")
+    files = sorted((tmp_path / "c").glob("*.dcm"))
     for f in files:
         ds = pydicom.dcmread(f)
         try:
@@ -244,8 +262,23 @@ def test_compressed_transfer_syntaxes(tmp_path, syntax):
         except (RuntimeError, NotImplementedError) as exc:
             pytest.skip(f"no encoder for {syntax} here: {exc}")
         ds.save_as(f)
-    [s] = load_study(tmp_path)
-    np.testing.assert_allclose(s.hu[:, 0, 0], [0, 10])
+    [s] = load_study(tmp_path / "c")
+    np.testing.assert_array_equal(s.hu, ref.hu)
+
+
+@pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason="dcmcjpeg (dcmtk) not installed")
+@pytest.mark.parametrize("option", ["+e1", "+el"])  # JPEG Lossless SV1 (.70), process 14 (.57)
+def test_jpeg_lossless_from_dcmtk(tmp_path, option):
+    import subprocess
+
+    _textured_series(tmp_path / "ref")
+    [ref] = load_study(tmp_path / "ref")
+    for f in sorted((tmp_path / "ref").glob("*.dcm")):
+        subprocess.run(["dcmcjpeg", option, str(f), str(tmp_path / f.name)], check=True)
+    ts = pydicom.dcmread(tmp_path / "t0.dcm", stop_before_pixels=True).file_meta
+    assert ts.TransferSyntaxUID.startswith("1.2.840.10008.1.2.4.")
+    [s] = load_study([tmp_path / "t0.dcm", tmp_path / "t1.dcm"])
+    np.testing.assert_array_equal(s.hu, ref.hu)
 
 
 # ------------------------------------------------------------------- real data

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -320,6 +322,17 @@ def test_written_headers(tmp_path: Path) -> None:
     for tag in ("FrameOfReferenceUID", "StudyDate", "PatientBirthDate", "PatientSex", "KVP"):
         assert tag in ds
     assert ds.pixel_array.dtype == np.int16
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+def test_written_files_pass_dciodvfy(tmp_path: Path) -> None:
+    written = write_series(tmp_path, PhantomSpec.for_matrix(64, n_slices=2, seed=5))
+    report = subprocess.run(
+        ["dciodvfy", str(written.files[0])], capture_output=True, text=True, timeout=60
+    )
+    text = report.stdout + report.stderr  # dciodvfy reports on stderr
+    assert text.startswith("CTImage")
+    assert [ln for ln in text.splitlines() if ln.startswith("Error")] == []
 
 
 def test_write_series_uids_are_deterministic(tmp_path: Path) -> None:

@@ -106,6 +106,18 @@ def test_bad_usage_exits_2(tmp_path, tiny_weights):
     )
 
 
+def test_rsna_image_ids_are_not_prefixed_twice(tiny_weights, tmp_path):
+    # RSNA 2019 files carry their image ID ("ID_<hex>") as SOPInstanceUID; the challenge's
+    # rows are "ID_<hex>_<label>", so the prefix is added only to UIDs that lack it.
+    ct_slice(tmp_path / "in" / "rsna.dcm", series_uid="ID_5ee5a4b1c3", sop_uid="ID_0fe31b044")
+    ct_slice(tmp_path / "in" / "ct.dcm", series_uid="1.2.3.98", sop_uid="1.2.3.98.1")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "in"), "--out", str(out), "--weights", str(tiny_weights), "--quiet"]
+    assert score_main(args) == 0
+    ids = {r[0] for r in _rows(out / "predictions.csv")[1:]}
+    assert ids == {f"ID_{u}_{lab}" for u in ("0fe31b044", "1.2.3.98.1") for lab in LABELS}
+
+
 def test_resume_skips_finished_series(studies, tiny_weights, tmp_path):
     root, _ = studies
     out = tmp_path / "out"
