@@ -811,6 +811,19 @@ def _codestream_problem(ts: UID, frame: bytes, rows: int, cols: int) -> str | No
     return None
 
 
+def _stream_end(ts: UID, tail: bytes) -> str | None:
+    """A JPEG, JPEG-LS or JPEG 2000 stream ends with its end marker (EOI / EOC, FF D9), before
+    any padding to an even length. One cut short can still decode (pylibjpeg fills in what is
+    missing), into a wrong picture with no error: refuse it."""
+    if not (
+        ts in JPEGTransferSyntaxes or ts in JPEGLSTransferSyntaxes or ts in JPEG2000TransferSyntaxes
+    ):
+        return None
+    if not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return "the compressed stream ends before its end marker (FF D9): truncated"
+    return None
+
+
 # ----------------------------------------------------------------------------- headers
 
 
@@ -1256,7 +1269,9 @@ def _slice_hu(path: Path, out: np.ndarray | None = None) -> tuple[np.ndarray, Da
         ts = _transfer_syntax(ds)
         if ts.is_compressed:
             frame = get_frame(ds.PixelData, 0, number_of_frames=1)
-            problem = _codestream_problem(ts, bytes(frame[:65536]), rows, cols)
+            problem = _codestream_problem(ts, bytes(frame[:65536]), rows, cols) or _stream_end(
+                ts, bytes(frame[-16:])
+            )
             if problem is not None:
                 raise _Unusable(problem)
         _rescale(ds)

@@ -40,6 +40,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
+    JPEGLSLossless,
     MRImageStorage,
     RLELossless,
     generate_uid,
@@ -392,6 +393,12 @@ def _corrupt_every_slice(d: Path, pn: str, pid: str) -> Path:
     return files[0]
 
 
+def _jpegls_cut_short(d: Path, pn: str, pid: str) -> Path:
+    files = _base(d, "cut-jpegls", pn, pid)
+    frame = _compressed(files[2], JPEGLSLossless)
+    return _replace_fragment(files[2], frame[: len(frame) // 2])
+
+
 def _j2k_declares_huge_image(d: Path, pn: str, pid: str) -> Path:
     files = _base(d, "j2k-huge", pn, pid)
     frag = bytearray(_compressed(files[2], JPEG2000Lossless))
@@ -733,6 +740,13 @@ CASES: tuple[Case, ...] = (
         Outcome.REFUSED,
         "could be decoded",
         _corrupt_every_slice,
+    ),
+    Case(
+        "jpegls_cut_short",
+        "a JPEG-LS slice whose stream stops half-way (pylibjpeg would decode it, wrongly)",
+        Outcome.SLICE_LEFT_OUT,
+        "ends before its end marker",
+        _jpegls_cut_short,
     ),
     Case(
         "j2k_declares_huge_image",

@@ -266,6 +266,30 @@ def test_compressed_transfer_syntaxes(tmp_path, syntax):
     np.testing.assert_array_equal(s.hu, ref.hu)
 
 
+@pytest.mark.parametrize("syntax", ["JPEGLSLossless", "JPEG2000Lossless"])
+def test_compressed_stream_cut_short_is_refused(tmp_path, syntax):
+    # pylibjpeg decodes a JPEG / JPEG-LS stream that stops half-way into a wrong picture with
+    # no error; the loader refuses a stream without its end marker and names the file
+    import pydicom.uid
+    from pydicom.encaps import encapsulate, get_frame
+
+    [good, cut] = _textured_series(tmp_path)
+    for f in (good, cut):
+        ds = pydicom.dcmread(f)
+        try:
+            ds.compress(getattr(pydicom.uid, syntax))
+        except (RuntimeError, NotImplementedError) as exc:
+            pytest.skip(f"no encoder for {syntax} here: {exc}")
+        if f == cut:
+            frame = bytes(get_frame(ds.PixelData, 0, number_of_frames=1))
+            ds.PixelData = encapsulate([frame[: len(frame) // 2]])
+        ds.save_as(f)
+    [s] = load_study(tmp_path)
+    assert s.n_slices == 1 and list(s.files) == [good]
+    [warning] = [w for w in s.warnings if str(cut) in w]
+    assert "ends before its end marker" in warning
+
+
 @pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason="dcmcjpeg (dcmtk) not installed")
 @pytest.mark.parametrize("option", ["+e1", "+el"])  # JPEG Lossless SV1 (.70), process 14 (.57)
 def test_jpeg_lossless_from_dcmtk(tmp_path, option):
