@@ -288,16 +288,17 @@ def _score_one(
             warnings=series.warnings,
             n_slices=series.n_slices,
         )
+    warnings = series.warnings
+    if reasons:  # the user insisted (force): the reasons stay with the scores
+        warnings = (*warnings, "not analyzable, scored on request: " + "; ".join(reasons))
     try:
         result = predictor.score_series(series, cancelled=cancelled)
     except Exception as exc:
         log.exception("model failed on series %s", info.key)
-        return SeriesOutcome(info, "failed", error=f"model error: {exc}", warnings=series.warnings)
+        return SeriesOutcome(info, "failed", error=f"model error: {exc}", warnings=warnings)
     if not result.complete:
         return SeriesOutcome(info, "cancelled")
-    return SeriesOutcome(
-        info, "scored", result=result, warnings=series.warnings, n_slices=series.n_slices
-    )
+    return SeriesOutcome(info, "scored", result=result, warnings=warnings, n_slices=series.n_slices)
 
 
 def _export(outcome: SeriesOutcome, series: CTSeries, dicom_out: Path) -> SeriesOutcome:

@@ -15,7 +15,7 @@ import pytest
 from ich_model.labels import LABELS
 from ich_model.phantom import PhantomSpec, write_series
 from ich_model.score_cli import main as score_main
-from tests.dicomfactory import ct_series, ct_slice
+from tests.dicomfactory import SHARED_DATA, ct_series, ct_slice
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,16 @@ def test_mixed_folder_reports_reasons_and_scores_the_rest(studies, tiny_weights,
     assert len(_rows(out / "predictions.csv")) == 1 + 6 * 6
 
 
+def test_force_scores_a_series_not_analyzable_and_keeps_the_reason(tiny_weights, tmp_path):
+    ct_series(tmp_path / "mr", n=3, modality="MR", sop_class="1.2.840.10008.5.1.4.1.1.4")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "mr"), "--out", str(out), "--weights", str(tiny_weights), "--quiet"]
+    assert score_main([*args, "--force"]) == 0
+    [row] = csv.DictReader((out / "series.csv").read_text().splitlines())
+    assert row["status"] == "scored" and row["n_slices"] == "3"
+    assert "not analyzable, scored on request: modality MR" in row["warnings"]
+
+
 def test_bad_usage_exits_2(tmp_path, tiny_weights):
     assert score_main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert score_main(["--out", str(tmp_path / "o")]) == 2
@@ -127,6 +137,54 @@ def test_resume_skips_finished_series(studies, tiny_weights, tmp_path):
     assert score_main(args) == 0
     assert (out / "predictions.csv").read_bytes() == first
     assert json.loads((out / "summary.json").read_text())["series_resumed_from_earlier_run"] == 3
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+def test_cq500_with_tilt_and_a_missing_slice_is_scored_with_both_warnings(tiny_weights, tmp_path):
+    """Issue 8: tilt and gaps are warnings, not reasons; series.csv carries both."""
+    out = tmp_path / "out"
+    args = [str(SHARED_DATA / "cq500-mixed"), "--out", str(out), "--weights", str(tiny_weights)]
+    assert score_main([*args, "--quiet"]) == 0
+    series = list(csv.DictReader((out / "series.csv").read_text().splitlines()))
+    [big] = [r for r in series if r["n_slices"] == "238"]
+    assert big["status"] == "scored" and big["error"] == ""
+    assert "gantry tilt of 8.5 degrees" in big["warnings"] and "1 gap(s)" in big["warnings"]
+    assert len(_rows(out / "predictions.csv")) == 1 + 239 * 6
+
+
+def test_bad_input_corpus_has_the_documented_outcome_in_ich_score(tiny_weights, tmp_path):
+    """Every case of tests/badinput.py ends in ich-score's outputs as the loader and
+    docs/INPUT_HANDLING.md say: in skipped_files, or as its series' status, error or warnings."""
+    from ich_model.dicom_io import scan
+    from tests.badinput import CASES, Outcome, write_corpus
+
+    bad = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "corpus"), "--out", str(out), "--weights", str(tiny_weights)]
+    assert score_main([*args, "--quiet"]) == 1  # some series fail or are not analyzable
+    skipped = json.loads((out / "summary.json").read_text())["skipped_files"]
+    series = csv.DictReader((out / "series.csv").read_text().splitlines())
+    rows = {r["series_key"]: r for r in series}
+    for case in CASES:
+        keys = {i.key for i in scan(tmp_path / "corpus" / case.name)}
+        mine = [rows[k] for k in keys]
+        why = (case.name, skipped, mine)
+        if case.outcome is Outcome.LEFT_OUT:
+            said = [m for m in skipped if m.startswith(f"{bad[case.name]}: left out")]
+            assert said and case.reason in said[0], why
+        elif case.outcome is Outcome.SEPARATE_SERIES:
+            assert any(case.reason in m for m in skipped) and len(mine) == 2, why
+        elif case.outcome is Outcome.NOT_ANALYZABLE:
+            assert any(
+                r["status"] == "not analyzable" and case.reason in r["error"] for r in mine
+            ), why
+        elif case.outcome is Outcome.REFUSED:
+            assert any(r["status"] == "failed" and case.reason in r["error"] for r in mine), why
+        elif case.outcome is Outcome.LOADED:
+            assert all(r["status"] == "scored" and not r["warnings"] for r in mine), why
+        else:  # slice left out, loaded with a warning: scored, and the warning travels with it
+            assert any(r["status"] == "scored" and case.reason in r["warnings"] for r in mine), why
 
 
 @pytest.mark.slow

@@ -454,6 +454,21 @@ def test_bad_input_names_the_file_and_never_dies(qtbot, make_window, tmp_path):
     assert w.series is None
 
 
+def test_files_left_out_stay_visible_after_the_series_loads(qtbot, make_window, small, tmp_path):
+    """The scan's "left out" messages must outlive the loading and series messages."""
+    import shutil
+
+    folder = tmp_path / "with-junk"
+    shutil.copytree(small, folder)
+    (folder / "empty.dcm").write_bytes(b"")
+    w = make_window(load_model=False)
+    open_and_wait(qtbot, w, [folder])
+    assert w.left_out_label.isVisible() and w.left_out_label.text() == "1 file(s) left out"
+    assert f"{folder / 'empty.dcm'}: left out, empty file" in w.left_out_label.toolTip()
+    open_and_wait(qtbot, w, [small])  # a clean folder clears it
+    assert not w.left_out_label.isVisible()
+
+
 def test_a_series_the_model_cannot_read_is_shown_but_not_scored(qtbot, make_window, tmp_path):
     from tests.dicomfactory import ct_series
 
@@ -478,6 +493,9 @@ def test_the_user_can_insist_on_scoring_a_series_not_analyzable(
     with qtbot.waitSignal(w.scoringFinished, timeout=WAIT_MS):
         w.action_force_score.trigger()
     assert w.scores is not None and w.scores.n_scored == 4
+    note = "not analyzable, scored on request: modality MR"
+    assert note in w.findings.warnings_label.text()  # the reason stays in sight
+    assert any(note in x for x in w.results_document()["warnings"])  # and into the exports
 
 
 def test_main_with_bad_input_saves_a_screenshot_and_fails(qtbot, tmp_path):

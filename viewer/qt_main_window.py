@@ -131,6 +131,7 @@ class QtMainWindow(QMainWindow):
         self._scores: LiveScores | None = None
         self._score_job = 0
         self._score_note = ""
+        self._forced_note = ""  # a series not analyzable that the user chose to score anyway
         self._threshold = 0.5
         self._heat_enabled = False
         self._heat_label = "any"
@@ -232,6 +233,10 @@ class QtMainWindow(QMainWindow):
         self.tags_dock.visibilityChanged.connect(self._on_tags_visibility)
 
         bar = self.statusBar()
+        self.left_out_label = QLabel("")  # the files the last scan left out, until the next one
+        self.left_out_label.setObjectName("leftOut")
+        self.left_out_label.setVisible(False)
+        bar.addPermanentWidget(self.left_out_label)
         self.load_progress = QProgressBar()
         self.load_progress.setMaximumWidth(180)
         self.load_progress.setFormat("Loading %v/%m")
@@ -482,6 +487,7 @@ class QtMainWindow(QMainWindow):
         self._load_job = 0
         self.load_progress.setVisible(False)
         self._scan_job = self.study_worker.scan(chosen)
+        self._show_left_out([])
         self.statusBar().showMessage(f"Reading {self._describe_paths(chosen)}…")
 
     @staticmethod
@@ -528,12 +534,18 @@ class QtMainWindow(QMainWindow):
             self.report_error(f"{where}: no CT series found ({why})")
             return
         self._remember_study(self._study_paths)
-        skipped = [w for w in warnings if "left out" in w]
-        if skipped:
-            self.statusBar().showMessage(f"{len(skipped)} file(s) left out: {skipped[0]}", 10000)
+        self._show_left_out([w for w in warnings if "left out" in w])
         choice = self._default_series(infos)
         self.load_series(choice)
         self.study_worker.read_thumbnails(job, infos)
+
+    def _show_left_out(self, messages: list[str]) -> None:
+        """Keep the scan's "left out" messages in the status bar (a transient message would be
+        replaced at once by the loading one): a count, with the messages as its tooltip."""
+        self.left_out_label.setVisible(bool(messages))
+        self.left_out_label.setText(f"{len(messages)} file(s) left out" if messages else "")
+        more = f"\n… and {len(messages) - 20} more" if len(messages) > 20 else ""
+        self.left_out_label.setToolTip("\n".join(messages[:20]) + more)
 
     @staticmethod
     def _default_series(infos: list[SeriesInfo]) -> SeriesInfo:
@@ -616,7 +628,7 @@ class QtMainWindow(QMainWindow):
         s = self._series
         self._scores = None
         self._score_job = 0
-        self._score_note = ""
+        self._score_note = self._forced_note = ""
         if s is None:
             return
         from ich_model.dicom_io import analyzability  # lazily: see viewer.workers
@@ -628,6 +640,10 @@ class QtMainWindow(QMainWindow):
             )
             self.findings.set_status(f"Model: {self._score_note}", error=True)
         elif self._model_state in ("loading", "ready"):
+            if reasons:  # the user insisted: the reasons stay in sight and in the exports
+                self._forced_note = "not analyzable, scored on request: " + "; ".join(reasons)
+                shown = [w.removeprefix(f"series {s.key}: ") for w in s.warnings]
+                self.findings.set_warnings([*shown, self._forced_note])
             if self._threads_started_model and not self._model_requested:
                 self._start_model()  # a series came before the start-up timer: load first
             self._scores = LiveScores.empty(s.n_slices)
@@ -1017,9 +1033,8 @@ class QtMainWindow(QMainWindow):
         model = dict(self._model_info or {})
         if not model and self._manifest is not None:
             model = {"sha256": self._manifest.sha256, "trained": self._manifest.trained}
-        return export.results_document(
-            self._series, self._scores, model, self._threshold, list(self._series.warnings)
-        )
+        warnings = [*self._series.warnings, *([self._forced_note] if self._forced_note else [])]
+        return export.results_document(self._series, self._scores, model, self._threshold, warnings)
 
     def export_json(self, path: Path | str) -> Path:
         return export.write_json(path, self.results_document())
