@@ -173,17 +173,54 @@ def onnx_file_name(manifest: Manifest, precision: str = "float32") -> str:
     return f"ich-{manifest.sha256[:24]}-c{CONVERTER_VERSION}-{precision}.onnx"
 
 
+def hash_record_path(onnx_path: Path) -> Path:
+    """The sha256 of a converted float32 model, written beside it by :func:`export_onnx`
+    (``sha256sum -c`` reads it)."""
+    return onnx_path.with_name(onnx_path.name + ".sha256")
+
+
+def write_hash_record(onnx_path: Path) -> Path:
+    record = hash_record_path(onnx_path)
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{sha256_file(onnx_path)}  {onnx_path.name}\n", encoding="utf-8")
+    os.replace(tmp, record)
+    return record
+
+
+def altered(onnx_path: Path) -> str | None:
+    """Why the converted model at ``onnx_path`` is not the file its converter wrote (a
+    missing record, or a hash that differs); None when it is."""
+    record = hash_record_path(onnx_path)
+    try:
+        recorded = record.read_text(encoding="utf-8").split()[0]
+    except (OSError, IndexError, UnicodeDecodeError) as exc:
+        return f"no readable hash record {record.name} ({type(exc).__name__})"
+    if recorded != sha256_file(onnx_path):
+        return f"its sha256 differs from {record.name}: the file changed after conversion"
+    return None
+
+
 def find_cached(
     manifest: Manifest,
     weights_path: Path,
     precision: str = "float32",
     environ: Mapping[str, str] = os.environ,
 ) -> Path | None:
-    """A converted model next to the weights (packagers may ship one) or in a cache folder."""
+    """A converted model next to the weights (packagers may ship one) or in a cache folder.
+
+    A float32 file is taken only when it is the file its converter wrote (its sha256 matches
+    the record beside it); one that is not is named in a warning and passed over. (An int8
+    file's hash is in its acceptance record: :func:`accepted_int8`.)
+    """
     name = onnx_file_name(manifest, precision)
     for folder in [Path(weights_path).parent, *cache_dirs(environ)]:
-        if (folder / name).is_file():
-            return folder / name
+        path = folder / name
+        if not path.is_file():
+            continue
+        problem = altered(path) if precision == "float32" else None
+        if problem is None:
+            return path
+        log.warning("%s: not used, %s", path, problem)
     return None
 
 
@@ -290,6 +327,7 @@ def export_onnx(model: Any, manifest: Manifest, out: Path) -> Path:
                 f"(tolerance {ONNX_TOLERANCE:.0e}); not using it"
             )
         os.replace(tmp, out)
+        write_hash_record(out)
     finally:
         for q, level in zip(quiet, levels, strict=True):
             q.setLevel(level)

@@ -120,12 +120,12 @@ def convert_bundled_weights(folder: Path) -> Path | None:
     if not BUNDLED_WEIGHTS.is_file():
         print("no bundled weights (resources/weights): the app will say 'no model weights found'")
         return None
-    from ich_model.runtime import ConversionError, convert_in_child, onnx_file_name
+    from ich_model.runtime import ConversionError, altered, convert_in_child, onnx_file_name
     from ich_model.weights import read_manifest
 
     manifest, _ = read_manifest(BUNDLED_WEIGHTS)
     out = folder / "_internal" / "resources" / "weights" / onnx_file_name(manifest, "float32")
-    if not out.is_file():  # resources/weights normally ships it (ich-train install)
+    if not out.is_file() or altered(out):  # resources/weights ships it (ich-train install)
         try:
             convert_in_child(BUNDLED_WEIGHTS, out)
         except ConversionError as exc:

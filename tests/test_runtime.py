@@ -218,6 +218,30 @@ def test_corrupt_cached_file_is_converted_again(tmp_path, monkeypatch):
     assert bad.stat().st_size > 1000
 
 
+def test_altered_converted_model_is_passed_over(tmp_path, monkeypatch, caplog):
+    # the converted file is what scores on a CPU: one changed after conversion (a flipped
+    # byte in a shipped file here) is named and not used; a fresh conversion is
+    monkeypatch.setenv(runtime.CACHE_ENV, str(tmp_path / "cache"))
+    w = _spread_weights(tmp_path / "shipped" / "t.weights.h5", seed=3)
+    manifest, _ = read_manifest(w)
+    reference = Predictor(w, runtime="onnx")
+    [converted] = (tmp_path / "cache").glob("*-float32.onnx")
+    assert runtime.hash_record_path(converted).is_file() and runtime.altered(converted) is None
+    shipped = w.parent / converted.name
+    data = bytearray(converted.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shipped.write_bytes(bytes(data))
+    runtime.hash_record_path(converted).replace(runtime.hash_record_path(shipped))
+    with caplog.at_level(logging.WARNING, logger="ich_model.runtime"):
+        assert runtime.find_cached(manifest, w) is None
+        again = Predictor(w, runtime="onnx")
+    assert f"{shipped}: not used, its sha256 differs" in caplog.text
+    assert again.runtime.startswith("onnxruntime")
+    assert runtime.find_cached(manifest, w) == converted
+    x = runtime.probe_inputs(64, (0.0, 80.0))
+    np.testing.assert_array_equal(again.predict_inputs(x), reference.predict_inputs(x))
+
+
 def test_runtime_override_by_argument_and_environment(cache, weights, monkeypatch):
     assert Predictor(weights, runtime="tensorflow").runtime.startswith("tensorflow")
     monkeypatch.setenv(runtime.RUNTIME_ENV, "tensorflow")

@@ -601,7 +601,7 @@ def ship_onnx(weights: Path) -> Path:
     """Convert installed weights to float32 ONNX beside them, so that the app and the
     bundle score without converting (or importing TensorFlow) on first use; converted
     models of other weights or converter versions in that folder are removed."""
-    from ich_model.runtime import build_keras, export_onnx, onnx_file_name
+    from ich_model.runtime import build_keras, export_onnx, hash_record_path, onnx_file_name
     from ich_model.weights import read_manifest
 
     manifest, wpath = read_manifest(weights)
@@ -614,7 +614,8 @@ def ship_onnx(weights: Path) -> Path:
             stale.with_name(stale.name[: -len(".onnx")] + ".acceptance.json").unlink(
                 missing_ok=True
             )
+            hash_record_path(stale).unlink(missing_ok=True)
             log.info("removed %s (other weights or converter version)", stale)
-    if not out.is_file():
+    if not out.is_file() or not hash_record_path(out).is_file():
         export_onnx(build_keras(manifest, wpath), manifest, out)
     return out
