@@ -222,6 +222,7 @@ def score_folder(
     predictor: Predictor,
     *,
     force: bool = False,
+    min_slices: int = MIN_SLICES,
     progress: ProgressFn | None = None,
     cancelled: Callable[[], bool] | None = None,
     on_series: Callable[[SeriesOutcome], None] | None = None,
@@ -231,7 +232,9 @@ def score_folder(
 
     With ``dicom_out``, each scored series also gets a Structured Report and key images
     (``ich_model.dicom_export``) in ``dicom_out/<series UID>/``, written before the series
-    is committed so a resumed run never leaves a half-written folder behind.
+    is committed so a resumed run never leaves a half-written folder behind. A series with
+    fewer than ``min_slices`` slices is not analyzable (1 by default: the model reads one
+    slice at a time; 20 asks for whole-head studies).
     """
     t0 = time.perf_counter()
     summary = BatchSummary()
@@ -247,7 +250,7 @@ def score_folder(
     for info, series, err in _prefetched(todo, cancelled):
         if cancelled is not None and cancelled():
             break
-        outcome = _score_one(info, series, err, predictor, force, cancelled)
+        outcome = _score_one(info, series, err, predictor, force, min_slices, cancelled)
         if outcome.status == "cancelled":
             break
         if dicom_out is not None and series is not None and outcome.result is not None:
@@ -275,11 +278,12 @@ def _score_one(
     err: str,
     predictor: Predictor,
     force: bool,
+    min_slices: int,
     cancelled: Callable[[], bool] | None,
 ) -> SeriesOutcome:
     if series is None:
         return SeriesOutcome(info, "failed", error=err, warnings=info.warnings)
-    reasons = analyzability(series, MIN_SLICES)
+    reasons = analyzability(series, min_slices)
     if reasons and not force:
         return SeriesOutcome(
             info,

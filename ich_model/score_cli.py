@@ -28,7 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="also score series flagged not analyzable (not CT, not axial)",
+        help="also score series flagged not analyzable (not CT, not axial, too few slices)",
+    )
+    p.add_argument(
+        "--min-slices",
+        type=int,
+        default=1,
+        help="a series with fewer slices is not analyzable (default 1: the model reads one "
+        "slice at a time; 20 keeps to whole-head studies)",
     )
     p.add_argument(
         "--dicom-out",
@@ -75,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"ich-score: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 2
+    if args.min_slices < 1 or args.batch_size < 1:
+        print("ich-score: --min-slices and --batch-size must be at least 1", file=sys.stderr)
+        return 2
     from ich_model.batch import score_folder
     from ich_model.predictor import Predictor
     from ich_model.weights import WeightsError
@@ -97,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out),
             predictor,
             force=args.force,
+            min_slices=args.min_slices,
             progress=bar,
             cancelled=stop.is_set,
             dicom_out=Path(args.dicom_out) if args.dicom_out else None,

@@ -99,6 +99,18 @@ def test_force_scores_a_series_not_analyzable_and_keeps_the_reason(tiny_weights,
     assert "not analyzable, scored on request: modality MR" in row["warnings"]
 
 
+def test_min_slices_flags_short_series_not_analyzable(studies, tiny_weights, tmp_path):
+    root, _ = studies
+    out = tmp_path / "out"
+    args = [str(root), "--out", str(out), "--weights", str(tiny_weights), "--quiet"]
+    assert score_main([*args, "--min-slices", "1000"]) == 1  # 1: some series not scored
+    rows = list(csv.DictReader((out / "series.csv").read_text().splitlines()))
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"not analyzable"}
+    assert all(r["error"] == "only 6 slice(s), fewer than 1000" for r in rows)
+    assert len(_rows(out / "predictions.csv")) == 1  # the header only
+    assert score_main([*args, "--min-slices", "0"]) == 2
+
+
 def test_bad_usage_exits_2(tmp_path, tiny_weights):
     assert score_main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert score_main(["--out", str(tmp_path / "o")]) == 2
