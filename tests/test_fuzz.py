@@ -7,6 +7,7 @@ so a failure report (case number, mutations) reproduces with ``mutate(seed_file,
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import resource
 import struct
@@ -36,6 +37,7 @@ from tests.badinput import PATIENT_ID, PATIENT_NAME, good_series
 SEED = 20260801
 CASES_PER_SEED = 400  # six seed files: 2400 cases
 MAX_SECONDS_PER_CASE = 5.0
+HANG_SECONDS = 60.0  # a case still running then is a hang: the test process exits
 MAX_CASE_PEAK_MB = 200  # traced (Python and numpy) allocations of one case
 MAX_RSS_GROWTH_MB = 500
 
@@ -379,6 +381,9 @@ def test_fuzz_scan_and_load(tmp_path: Path) -> None:
                 target.write_bytes(data)
                 messages: list[str] = []
                 tracemalloc.reset_peak()
+                # a case stuck in a decoder (C code, out of reach of Python signals) must fail
+                # CI, not hang it: the whole process exits with every thread's traceback
+                faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
                 t0 = time.perf_counter()
                 try:
                     with warnings.catch_warnings(record=True) as py_warnings:
@@ -407,6 +412,7 @@ def test_fuzz_scan_and_load(tmp_path: Path) -> None:
                         raise
                     failures.append(f"case {k} ({seed.name}: {ops}): {type(exc).__name__}: {exc}")
                 dt = time.perf_counter() - t0
+                faulthandler.cancel_dump_traceback_later()
                 times.append(dt)
                 peaks.append(tracemalloc.get_traced_memory()[1] / 2**20)
                 if k % 50 == 0:
@@ -417,6 +423,7 @@ def test_fuzz_scan_and_load(tmp_path: Path) -> None:
                 if leaked:
                     failures.append(f"case {k} ({seed.name}: {ops}) names the patient: {leaked}")
     finally:
+        faulthandler.cancel_dump_traceback_later()
         tracemalloc.stop()
         root.removeHandler(leak_check)
         root.setLevel(old_level)
