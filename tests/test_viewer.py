@@ -251,6 +251,17 @@ def test_model_fills_strip_findings_overlay_and_exports(
     assert "Phantom^Head" not in text and "PHANTOM-0001" not in text  # no PHI in exports
     png = w.export_png(tmp_path / "view.png")
     assert cv2.imread(str(png)) is not None
+    # the patient's name is on screen, and in an exported view only when asked for
+    assert any("Phantom Head" in x for x in w.slice_view.overlay.top_left)
+    drawn: list[tuple[str, ...]] = []
+    real_grab = w.slice_view.grab
+    w.slice_view.grab = lambda: (drawn.append(w.slice_view.overlay.top_left), real_grab())[1]
+    plain = cv2.imread(str(w.export_png(tmp_path / "plain.png")))
+    named = cv2.imread(str(w.export_png(tmp_path / "named.png", include_patient=True)))
+    assert not any("Phantom Head" in x for x in drawn[0])
+    assert any("Phantom Head" in x for x in drawn[1])
+    assert not np.array_equal(plain, named)
+    assert any("Phantom Head" in x for x in w.slice_view.overlay.top_left)  # screen unchanged
 
     # Grad-CAM of the shown slice, computed lazily in the model's thread
     w.findings.heatmap_label.setCurrentIndex(LABELS.index("intraparenchymal"))

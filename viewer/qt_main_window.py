@@ -305,6 +305,12 @@ class QtMainWindow(QMainWindow):
         self.action_export_csv = a("Export results as &CSV…", self.export_csv_dialog)
         self.action_export_json = a("Export results as &JSON…", self.export_json_dialog)
         self.action_export_png = a("Export view as &PNG…", self.export_png_dialog, "Ctrl+Shift+S")
+        self.action_png_patient = a(
+            "Include patient and study in exported views",
+            lambda _=False: None,
+            tip="Exported PNG views show no patient name, ID or study unless this is checked",
+        )
+        self.action_png_patient.setCheckable(True)
         self.action_quit = a("&Quit", self.close, QKeySequence.StandardKey.Quit)
 
         self.preset_actions: dict[WindowPreset, QAction] = {}
@@ -371,6 +377,7 @@ class QtMainWindow(QMainWindow):
         self.file_menu.addAction(self.action_export_csv)
         self.file_menu.addAction(self.action_export_json)
         self.file_menu.addAction(self.action_export_png)
+        self.file_menu.addAction(self.action_png_patient)
         self.file_menu.addSeparator()
         self.file_menu.addAction(self.action_quit)
 
@@ -1039,10 +1046,22 @@ class QtMainWindow(QMainWindow):
     def export_json(self, path: Path | str) -> Path:
         return export.write_json(path, self.results_document())
 
-    def export_png(self, path: Path | str) -> Path:
-        """The slice view as shown, overlay and heat map included."""
+    def export_png(self, path: Path | str, include_patient: bool | None = None) -> Path:
+        """The slice view as shown, overlay and heat map included; the patient and study lines
+        only when asked (``include_patient``, by default File ▸ Include patient and study in
+        exported views): an image leaves the viewer more easily than a study does."""
         path = Path(path)
-        if not self.slice_view.grab().save(str(path), "PNG"):
+        if include_patient is None:
+            include_patient = self.action_png_patient.isChecked()
+        shown = self._show_patient
+        self._show_patient = shown and include_patient
+        try:
+            self._update_overlay()
+            ok = self.slice_view.grab().save(str(path), "PNG")
+        finally:
+            self._show_patient = shown
+            self._update_overlay()
+        if not ok:
             raise OSError(f"{path}: cannot write PNG")
         return path
 
