@@ -137,7 +137,7 @@ def test_fit_evaluate_resume_and_predict(phantoms, tmp_path):
         train_main(["evaluate", str(phantoms), "--weights", str(weights), "--json", str(out)]) == 0
     )
     result = json.loads(out.read_text())
-    assert {"weighted_log_loss", "auc", "n_images"} <= set(result)
+    assert set(result) == {"weighted_log_loss", "auc", "n_images"}
     assert result["n_images"] == 36
     assert set(result["auc"]) == {
         "epidural",
@@ -159,6 +159,17 @@ def test_fit_evaluate_resume_and_predict(phantoms, tmp_path):
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def test_evaluate_json_has_exactly_the_three_keys(tiny_weights, phantoms, tmp_path, model_cache):
+    out = tmp_path / "eval.json"
+    assert (
+        train_main(["evaluate", str(phantoms), "--weights", str(tiny_weights), "--json", str(out)])
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert set(result) == {"weighted_log_loss", "auc", "n_images"}
+    assert result["n_images"] == 36 and len(result["auc"]) == 6
 
 
 def test_clear_messages_for_bad_datasets(tmp_path):
@@ -187,6 +198,41 @@ def test_clear_messages_for_bad_datasets(tmp_path):
     assert (
         train_main(["evaluate", str(d), "--format", "rsna-png", "--weights", "x.weights.h5"]) == 2
     )
+
+
+def test_wrong_format_says_so(tmp_path):
+    _write(tmp_path / "hemorrhage_diagnosis.csv", "PatientNumber,SliceNumber\n")
+    for fmt in ("rsna-png", "phantom"):
+        with pytest.raises(DatasetError, match=r"not a .* dataset .*--format"):
+            read_dataset(tmp_path, fmt)
+
+
+def test_manifest_records_how_pictures_were_mapped_to_hu(tmp_path):
+    """Already windowed 8-bit pictures: the grey-to-HU mapping travels with the weights."""
+    import cv2
+
+    from ich_model.model import ModelConfig, build_model
+    from tests.conftest import TINY
+    from training.fit import RunConfig, export
+
+    d = tmp_path / "png"
+    header = "ID,epidural,intraparenchymal,intraventricular,subarachnoid,subdural,any\n"
+    _write(d / "labels.csv", header + "ID_1,0,0,0,0,0,0\nID_2,0,1,0,0,0,1\n")
+    (d / "images").mkdir()
+    for key in ("ID_1", "ID_2"):
+        cv2.imwrite(str(d / "images" / f"{key}.png"), np.zeros((8, 8), np.uint8))
+    samples = read_dataset(d)
+    mcfg = ModelConfig(**TINY)  # type: ignore[arg-type]
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = RunConfig(
+        data=[str(d)], formats=[None], out=str(run), model=mcfg.to_dict(), hu_range=(0.0, 80.0)
+    )
+    none = np.zeros((0, 6), np.float32)
+    export(run, cfg, build_model(mcfg), none, none, [], samples, np.zeros(6, np.float32))
+    manifest = json.loads((run / "ich_xception_lstm.manifest.json").read_text())
+    assert manifest["training"]["picture_hu_ranges"] == {"rsna-png": [0.0, 80.0]}
+    assert manifest["hu_range"] == [0.0, 80.0]
 
 
 def test_unknown_layout_says_what_it_expected(tmp_path):
@@ -229,6 +275,53 @@ def test_picture_to_hu_mapping_matches_dicom_statistics():
         assert 28 < float(np.median(medians)) < 42, folder
 
 
+def test_ema_weights_are_kept_under_mixed_precision(tmp_path):
+    """On a GPU fit() trains in mixed_float16, where Keras wraps Adam in a LossScaleOptimizer:
+    the moving average (--ema) must still be what is validated and kept as the best weights."""
+    import keras
+
+    from training.fit import RunConfig, _ValidateAndCheckpoint
+
+    def tiny() -> keras.Model:
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(6, activation="sigmoid")])
+
+    seen: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            inner = self.model.optimizer.inner_optimizer
+            average = [keras.ops.convert_to_numpy(v) for v in inner._model_variables_moving_average]
+            seen.append((average, self.model.get_weights()))
+
+    state = {"epoch": 0, "best": float("inf"), "best_epoch": 0, "wait": 0}
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = tiny()
+        opt = keras.optimizers.Adam(0.1, use_ema=True, ema_momentum=0.9)
+        model.compile(optimizer=opt, loss="mse")
+        keep = _ValidateAndCheckpoint(
+            tmp_path,
+            RunConfig(data=[], formats=[], out=str(tmp_path), patience=10),
+            np.zeros((0,)),
+            np.zeros((0, 6)),
+            state,
+            None,
+            np.zeros(6),
+            np.zeros(0),
+        )
+        x, y = np.ones((4, 3), np.float32), np.zeros((4, 6), np.float32)
+        model.fit(x, y, epochs=3, verbose=0, callbacks=[Record(), keep])
+        assert type(model.optimizer).__name__ == "LossScaleOptimizer"
+        kept = tiny()
+        kept.load_weights(str(tmp_path / "best.weights.h5"))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    average, raw = seen[state["best_epoch"] - 1]
+    assert not np.allclose(average[0], raw[0])
+    for a, b in zip(kept.get_weights(), average, strict=True):
+        np.testing.assert_allclose(a, b)
+
+
 def _free_ports(n: int) -> list[int]:
     import socket
 
@@ -243,7 +336,8 @@ def _free_ports(n: int) -> list[int]:
 
 @pytest.mark.slow
 def test_two_local_workers_train_together(phantoms, tmp_path):
-    """MultiWorkerMirroredStrategy through TF_CONFIG, two processes on this CPU."""
+    """MultiWorkerMirroredStrategy through TF_CONFIG, two processes on this CPU, one shared
+    --out as the README documents."""
     import os
     import subprocess
     import sys
@@ -258,7 +352,7 @@ def test_two_local_workers_train_together(phantoms, tmp_path):
             "TF_CPP_MIN_LOG_LEVEL": "3",
             "CUDA_VISIBLE_DEVICES": "",
         }
-        out = tmp_path / f"run{i}"
+        out = tmp_path / "run"
         cmd = [
             sys.executable,
             "-m",
@@ -288,8 +382,11 @@ def test_two_local_workers_train_together(phantoms, tmp_path):
         for i in range(2)
     ]
     assert losses[0] and losses[0] == losses[1]
-    # the chief (worker 0) exports the weights
-    assert (tmp_path / "run0" / "ich_xception_lstm.weights.h5").is_file(), logs
+    # the chief (worker 0) exports the weights and alone writes the logs
+    assert (tmp_path / "run" / "ich_xception_lstm.weights.h5").is_file(), logs
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").read_text().splitlines()))
+    assert [r["epoch"] for r in rows] == ["1"]
+    assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_threshold_keeps_sensitivity():

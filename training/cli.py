@@ -23,6 +23,10 @@ FORMAT_HELP = (
 )
 
 
+#: the top-level keys of ``ich-train evaluate --json`` (``auc`` maps each label to its AUC)
+JSON_KEYS = ("weighted_log_loss", "auc", "n_images")
+
+
 def _formats(args: argparse.Namespace) -> list[str | None]:
     fmts = args.format or []
     if not fmts:
@@ -179,7 +183,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=["rsna-dcm", "rsna-png", "ctich-jpg", "phantom"],
         help=FORMAT_HELP,
     )
-    e.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    e.add_argument(
+        "--json",
+        default=None,
+        help="also write weighted_log_loss, auc (label -> AUC) and n_images as JSON to this file",
+    )
     e.add_argument("--batch-size", type=int, default=16, help="inference batch size")
 
     m = sub.add_parser(
@@ -390,7 +398,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     m["weights_sha256"] = pred.manifest.sha256
     _print_metrics(m)
     if args.json:
-        Path(args.json).write_text(json.dumps(_jsonable(m), indent=2) + "\n", encoding="utf-8")
+        # exactly these keys at the top level (the table above has the rest)
+        out = {k: m[k] for k in JSON_KEYS}
+        Path(args.json).write_text(json.dumps(_jsonable(out), indent=2) + "\n", encoding="utf-8")
     return 0
 
 

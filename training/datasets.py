@@ -121,7 +121,12 @@ def read_dataset(folder: Path | str, fmt: str | None = None) -> list[Sample]:
     }
     if fmt not in readers:
         raise DatasetError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    samples = readers[fmt](folder)
+    try:
+        samples = readers[fmt](folder)
+    except FileNotFoundError as exc:
+        raise DatasetError(
+            f"{folder}: not a {fmt} dataset ({exc.filename} is missing); check --format"
+        ) from exc
     if not samples:
         raise DatasetError(f"{folder}: the {fmt} dataset is empty")
     log.info(
@@ -325,6 +330,11 @@ def read_phantom(folder: Path) -> list[Sample]:
             f"{folder / 'labels.csv'}: {len(table)} listed slice(s) missing, e.g. {first}"
         )
     return samples
+
+
+def picture_hu_ranges(samples: Sequence[Sample]) -> dict[str, list[float]]:
+    """How each source of 8-bit pictures was mapped to HU (grey 0 -> low, 255 -> high)."""
+    return {s.source: [s.hu_low, s.hu_high] for s in samples if s.kind == "picture"}
 
 
 def split_by_group(

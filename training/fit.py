@@ -29,7 +29,13 @@ from ich_model.labels import LABELS, METRIC_WEIGHTS
 from ich_model.metrics import per_label_auc, sensitivity_specificity, weighted_log_loss
 from ich_model.model import ModelConfig, build_model, save_weights
 from training import calibrate
-from training.datasets import Sample, describe, read_dataset, split_by_group
+from training.datasets import (
+    Sample,
+    describe,
+    picture_hu_ranges,
+    read_dataset,
+    split_by_group,
+)
 from training.pipeline import (
     PipelineConfig,
     apply_logit_offset,
@@ -170,6 +176,16 @@ def evaluate_arrays(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dic
     }
 
 
+def _ema_optimizer(optimizer: Any) -> keras.optimizers.Optimizer | None:
+    """The optimizer that keeps a moving average of the weights, or None.
+
+    Under mixed precision (on a GPU) Keras wraps Adam in a LossScaleOptimizer, whose own
+    ``use_ema`` is off: the average lives in its inner optimizer.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner if getattr(inner, "use_ema", False) else None
+
+
 class _Progress(keras.callbacks.Callback):
     """One line per epoch with time left; the batch bar comes from Keras's own verbose=1."""
 
@@ -215,14 +231,17 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
         self.deadline = deadline
         self.is_chief = _is_chief()
         self.epoch_start = time.time()
-        self.writer = tf.summary.create_file_writer(str(run / "tensorboard"))
+        # Workers of one multi-worker run share --out: only the chief writes the logs.
+        self.writer = (
+            tf.summary.create_file_writer(str(run / "tensorboard")) if self.is_chief else None
+        )
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epoch_start = time.time()
 
-    def _swap_ema(self) -> None:
+    @staticmethod
+    def _swap_ema(opt: keras.optimizers.Optimizer) -> None:
         """Exchange the weights with their moving average (Polyak averaging), in place."""
-        opt = self.model.optimizer
         for var, avg in zip(
             opt._trainable_variables, opt._model_variables_moving_average, strict=True
         ):
@@ -231,14 +250,14 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
             avg.assign(raw)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        ema = bool(getattr(self.model.optimizer, "use_ema", False))
-        if ema:
-            self._swap_ema()  # validate and keep the averaged weights
+        ema = _ema_optimizer(self.model.optimizer)
+        if ema is not None:
+            self._swap_ema(ema)  # validate and keep the averaged weights
         try:
             self._epoch_end(epoch, logs)
         finally:
-            if ema:
-                self._swap_ema()
+            if ema is not None:
+                self._swap_ema(ema)
         if self.is_chief:
             tmp = self.run / "last.tmp.keras"
             self.model.save(str(tmp))  # raw weights and optimizer state, for --resume
@@ -264,12 +283,14 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
             score = m["weighted_log_loss"]
         else:
             score = float(logs.get("loss", np.inf))
-        with self.writer.as_default():
-            for k, v in row.items():
-                if k != "epoch" and v is not None and np.isfinite(v):
-                    tf.summary.scalar(k, v, step=epoch + 1)
-        self._append_csv(row)
         chief = self.is_chief
+        if self.writer is not None:
+            with self.writer.as_default():
+                for k, v in row.items():
+                    if k != "epoch" and v is not None and np.isfinite(v):
+                        tf.summary.scalar(k, v, step=epoch + 1)
+        if chief:
+            self._append_csv(row)
         if score < self.state.get("best", np.inf):
             self.state.update(best=score, best_epoch=epoch + 1, wait=0)
             if chief:
@@ -353,6 +374,14 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         }
     )
     train_s, val_s = _load_samples(cfg)
+    pictures = picture_hu_ranges(train_s)
+    if pictures and cfg.hu_range is None:
+        log.warning(
+            "training on 8-bit pictures (%s) without --hu-range: at inference, DICOM HU "
+            "outside the range the pictures carried reach the model; give --hu-range "
+            "(e.g. 0,80 for brain-window pictures)",
+            ", ".join(f"{k} {lo:g}..{hi:g} HU" for k, (lo, hi) in pictures.items()),
+        )
     print(
         f"data: {len(train_s)} training and {len(val_s)} validation slices; "
         f"groups on both sides: {len({s.group for s in train_s} & {s.group for s in val_s})}",
@@ -364,17 +393,18 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     print(
         f"decoded and windowed {len(xt) + len(xv)} slices in {time.time() - t0:.0f} s", flush=True
     )
-    (run / "data.json").write_text(
-        json.dumps(
-            {
-                "train": describe(train_s),
-                "validation": describe(val_s),
-                "validation_groups": sorted({s.group for s in val_s}),
-            },
-            indent=2,
-        ),
-        encoding="utf-8",
-    )
+    if _is_chief():
+        (run / "data.json").write_text(
+            json.dumps(
+                {
+                    "train": describe(train_s),
+                    "validation": describe(val_s),
+                    "validation_groups": sorted({s.group for s in val_s}),
+                },
+                indent=2,
+            ),
+            encoding="utf-8",
+        )
 
     with strategy.scope():
         if resume and (run / "last.keras").is_file():
@@ -483,6 +513,7 @@ def export(
         training={
             "data": cfg.data,
             "formats": cfg.formats,
+            "picture_hu_ranges": picture_hu_ranges([*train_s, *val_s]),
             "data_summary": data_summary,
             "train_counts": counts,
             "validation_counts": describe(val_s),
