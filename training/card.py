@@ -205,8 +205,10 @@ def model_card(
         "",
         "### Departures from the paper, and why",
         "",
-        "- The paper's Xception (width 1.0, 8 middle blocks, 299 px) trains at about 20 images/s"
-        " at 128 px on the 2-core CPUs this model was trained on. The bundled variant keeps the"
+        "- The paper's full Xception (width 1.0, 8 middle blocks) is slow to train on the 2-core"
+        " CPUs this model was trained on: a 45-minute feasibility run there saw 2.7 images/s at"
+        " 128 px, and `benchmarks/bench_training.py` measures it at 299 px and at the bundled"
+        " size on any machine. The bundled variant keeps the"
         " architecture (same separable-convolution modules, same LSTM head) at reduced width and"
         " input size so that it could see the data many times within the hours available. "
         "`ich-train` keeps the paper's full network as its default.",
