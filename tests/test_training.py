@@ -100,6 +100,42 @@ def test_phantom_dataset_reads_and_splits_by_patient(phantoms):
     assert not {s.group for s in train} & {s.group for s in val}
 
 
+def test_inputs_too_large_for_memory_are_decoded_on_the_fly(phantoms):
+    from training.pipeline import (
+        LazyInputs,
+        PipelineConfig,
+        decode_split,
+        eval_dataset,
+        train_dataset,
+    )
+
+    samples = read_dataset(phantoms)
+    train, val = split_by_group(samples, 0.3, seed=0)
+    cfg = PipelineConfig(input_size=32, hu_range=(0.0, 80.0), batch_size=4)
+    xt, yt, xv, yv = decode_split(train, val, cfg)  # a few MB: in memory
+    assert isinstance(xt, np.ndarray) and isinstance(xv, np.ndarray)
+    lt, lyt, lv, lyv = decode_split(train, val, PipelineConfig(**{**cfg.__dict__, "memory_gb": 0}))
+    assert isinstance(lt, LazyInputs) and isinstance(lv, LazyInputs)
+    np.testing.assert_array_equal(lyt, yt)
+    np.testing.assert_array_equal(lyv, yv)
+    np.testing.assert_array_equal(lt[np.arange(len(train))], xt)  # decoded alike
+    lazy_val = np.concatenate(list(eval_dataset(lv, 3).as_numpy_iterator()))
+    np.testing.assert_array_equal(lazy_val, xv.astype(np.float32))  # in order
+    batch_x, batch_y = next(iter(train_dataset(lt, lyt, cfg)))
+    assert batch_x.shape == (4, 32, 32, 3) and batch_y.shape == (4, 6)
+    assert float(np.min(batch_x)) >= 0.0 and float(np.max(batch_x)) <= 1.0
+
+
+@pytest.mark.slow
+def test_fit_decoding_on_the_fly(phantoms, tmp_path):
+    run = tmp_path / "run"
+    args = ["fit", str(phantoms), "--out", str(run), "--epochs", "1", "--memory-gb", "0"]
+    assert train_main([*args, *TINY_ARGS]) == 0
+    assert len((run / "log.csv").read_text().splitlines()) == 2
+    manifest = json.loads((run / "ich_xception_lstm.manifest.json").read_text())
+    assert "weighted_log_loss" in manifest["metrics"]
+
+
 @pytest.mark.slow
 def test_fit_evaluate_resume_and_predict(phantoms, tmp_path):
     run = tmp_path / "run"

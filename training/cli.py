@@ -158,6 +158,14 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--zoom", type=float, default=0.1, help="random rescale, +- fraction")
     f.add_argument("--no-flip", action="store_true", help="no random left-right flips")
     f.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="keep decoded slices in memory up to this many GB (default: half of this "
+        "machine's memory); a larger dataset (the full RSNA 2019 data) is decoded on the fly "
+        "each time a slice is drawn; 0 always decodes on the fly",
+    )
+    f.add_argument(
         "--max-minutes",
         type=float,
         default=None,
@@ -453,6 +461,7 @@ def _fit(args: argparse.Namespace, argv: list[str]) -> int:
             "rotation_deg": args.rotation,
             "zoom": args.zoom,
             "flip": not args.no_flip,
+            "memory_gb": args.memory_gb,
         },
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,

@@ -37,9 +37,10 @@ from training.datasets import (
     split_by_group,
 )
 from training.pipeline import (
+    Inputs,
     PipelineConfig,
     apply_logit_offset,
-    decode_inputs,
+    decode_split,
     eval_dataset,
     prior_correction,
     train_dataset,
@@ -216,7 +217,7 @@ class _ValidateAndCheckpoint(keras.callbacks.Callback):
         self,
         run: Path,
         cfg: RunConfig,
-        xv: np.ndarray,
+        xv: Inputs,
         yv: np.ndarray,
         state: dict[str, Any],
         deadline: float | None,
@@ -388,11 +389,12 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         flush=True,
     )
     t0 = time.time()
-    xt, yt = decode_inputs(train_s, pcfg)
-    xv, yv = decode_inputs(val_s, pcfg) if val_s else (np.zeros((0,)), np.zeros((0, 6)))
-    print(
-        f"decoded and windowed {len(xt) + len(xv)} slices in {time.time() - t0:.0f} s", flush=True
-    )
+    xt, yt, xv, yv = decode_split(train_s, val_s, pcfg)
+    if isinstance(xt, np.ndarray):
+        print(
+            f"decoded and windowed {len(xt) + len(xv)} slices in {time.time() - t0:.0f} s",
+            flush=True,
+        )
     if _is_chief():
         (run / "data.json").write_text(
             json.dumps(
@@ -455,7 +457,7 @@ def export(
     run: Path,
     cfg: RunConfig,
     model: keras.Model,
-    xv: np.ndarray,
+    xv: Inputs,
     yv: np.ndarray,
     val_s: Sequence[Sample],
     train_s: Sequence[Sample],
@@ -562,7 +564,7 @@ def export_run(run: Path) -> Path:
     )
     train_s, val_s = _load_samples(cfg)
     yt = np.asarray([s.labels for s in train_s], dtype=np.float32)
-    xv, yv = decode_inputs(val_s, pcfg) if val_s else (np.zeros((0,)), np.zeros((0, 6)))
+    _, _, xv, yv = decode_split([], val_s, pcfg)
     model = build_model(mcfg)
     return export(
         run, cfg, model, xv, yv, val_s, train_s, prior_correction(yt, pcfg), yt.mean(axis=0)

@@ -1,15 +1,18 @@
 """tf.data input pipelines: parallel decoding and windowing, balancing, augmentation, prefetch.
 
 Decoding and windowing go through ``ich_model.windowing.model_input`` (the function
-inference uses). Decoded inputs are cached in memory as float16, the training stream
-draws from per-group index streams (rarest positive subtype, or negative) with fixed
-weights so rare subtypes are oversampled, and augmentation (flip, rotation, rescale)
-runs on whole batches.
+inference uses). Decoded inputs are cached in memory as float16 when they fit in
+``PipelineConfig.memory_gb`` (by default half of this machine's memory); a larger set (the
+full RSNA 2019 data: about 750,000 slices, 400 GB at 299 px) is decoded on the fly, in
+parallel, every time a slice is drawn (:class:`LazyInputs`). The training stream draws from
+per-group index streams (rarest positive subtype, or negative) with fixed weights so rare
+subtypes are oversampled, and augmentation (flip, rotation, rescale) runs on whole batches.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,38 +37,110 @@ class PipelineConfig:
     zoom: float = 0.1  # rescale by up to +-10 %
     flip: bool = True
     seed: int = 0
+    memory_gb: float | None = None  # decoded inputs kept in memory up to this; None: half the RAM
+
+
+def memory_budget_gb(cfg: PipelineConfig) -> float:
+    """How many GB of decoded inputs (training and validation together) may stay in memory."""
+    if cfg.memory_gb is not None:
+        return cfg.memory_gb
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / 2
+    except (ValueError, OSError, AttributeError):
+        return 8.0
+
+
+def decoded_gb(n: int, cfg: PipelineConfig) -> float:
+    """Memory that ``n`` decoded float16 inputs take."""
+    return n * cfg.input_size**2 * 3 * 2 / 2**30
+
+
+class LazyInputs:
+    """Model inputs decoded when asked for, for sets too large to keep decoded in memory.
+
+    ``inputs[indices]`` decodes and windows those samples (float16) exactly as
+    :func:`decode_inputs` would; the pipelines call it in parallel from tf.data.
+    """
+
+    def __init__(self, samples: Sequence[Sample], cfg: PipelineConfig) -> None:
+        self.samples = list(samples)
+        self.size, self.hu_range = cfg.input_size, cfg.hu_range
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.samples), self.size, self.size, 3)
+
+    def one(self, i: int) -> np.ndarray:
+        s = self.samples[int(i)]
+        try:
+            return model_input(decode_hu(s), self.size, self.hu_range).astype(np.float16)
+        except Exception as exc:
+            raise DatasetError(f"{s.path}: {exc}") from exc
+
+    def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+        idx = np.asarray(indices).reshape(-1)
+        out = np.empty((len(idx), self.size, self.size, 3), dtype=np.float16)
+        for k, i in enumerate(idx):
+            out[k] = self.one(int(i))
+        return out
+
+
+Inputs = np.ndarray | LazyInputs
 
 
 def decode_inputs(
     samples: Sequence[Sample],
     cfg: PipelineConfig,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and window every sample in parallel (tf.data): ``X`` float16, ``Y`` float32."""
+    lazy: bool = False,
+) -> tuple[Inputs, np.ndarray]:
+    """Decode and window every sample in parallel (tf.data): ``X`` float16, ``Y`` float32.
+
+    With ``lazy``, ``X`` is a :class:`LazyInputs` that decodes slices when they are drawn.
+    """
     n = len(samples)
     if n == 0:
         raise DatasetError("empty dataset: nothing to decode")
-    size, hu_range = cfg.input_size, cfg.hu_range
-
-    def load(i: np.ndarray) -> np.ndarray:
-        s = samples[int(i)]
-        try:
-            return model_input(decode_hu(s), size, hu_range).astype(np.float16)
-        except Exception as exc:
-            raise DatasetError(f"{s.path}: {exc}") from exc
-
+    y = np.asarray([s.labels for s in samples], dtype=np.float32)
+    lazy_x = LazyInputs(samples, cfg)
+    if lazy:
+        return lazy_x, y
     ds = tf.data.Dataset.range(n).map(
-        lambda i: tf.numpy_function(load, [i], tf.float16, stateful=False),
+        lambda i: tf.numpy_function(lazy_x.one, [i], tf.float16, stateful=False),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    x = np.empty((n, size, size, 3), dtype=np.float16)
+    x = np.empty((n, cfg.input_size, cfg.input_size, 3), dtype=np.float16)
     for k, item in enumerate(ds.as_numpy_iterator()):
         x[k] = item
         if progress is not None:
             progress(k + 1, n)
-    y = np.asarray([s.labels for s in samples], dtype=np.float32)
     return x, y
+
+
+def decode_split(
+    train: Sequence[Sample], val: Sequence[Sample], cfg: PipelineConfig
+) -> tuple[Inputs, np.ndarray, Inputs, np.ndarray]:
+    """Training and validation inputs: decoded into memory when both fit in
+    :func:`memory_budget_gb`, else decoded on the fly (said in the log)."""
+    need, budget = decoded_gb(len(train) + len(val), cfg), memory_budget_gb(cfg)
+    lazy = need > budget
+    if lazy:
+        log.warning(
+            "%d slices at %d px take %.1f GB decoded, more than the %.1f GB allowed "
+            "(--memory-gb): decoding them on the fly each time they are drawn",
+            len(train) + len(val),
+            cfg.input_size,
+            need,
+            budget,
+        )
+    empty = np.zeros((0, cfg.input_size, cfg.input_size, 3), np.float16), np.zeros((0, 6))
+    xt, yt = decode_inputs(train, cfg, lazy=lazy) if train else empty
+    xv, yv = decode_inputs(val, cfg, lazy=lazy) if val else empty
+    return xt, yt.astype(np.float32), xv, yv.astype(np.float32)
 
 
 def balance_groups(y: np.ndarray) -> tuple[list[np.ndarray], list[float], list[str]]:
@@ -120,8 +195,23 @@ def augmenter(cfg: PipelineConfig) -> tf.keras.Sequential:
     return keras.Sequential(steps, name="augment")
 
 
-def train_dataset(x: np.ndarray, y: np.ndarray, cfg: PipelineConfig) -> tf.data.Dataset:
-    """Endless balanced, augmented batches from the cached inputs."""
+def _gather(x: Inputs) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Indices -> float32 inputs: from memory, or decoded on the fly (:class:`LazyInputs`)."""
+    if isinstance(x, LazyInputs):
+        size = x.size
+
+        def decode(i: tf.Tensor) -> tf.Tensor:
+            out = tf.numpy_function(x.__getitem__, [i], tf.float16, stateful=False)
+            out.set_shape([None, size, size, 3])
+            return tf.cast(out, tf.float32)
+
+        return decode
+    xt = tf.constant(x)
+    return lambda i: tf.cast(tf.gather(xt, i), tf.float32)
+
+
+def train_dataset(x: Inputs, y: np.ndarray, cfg: PipelineConfig) -> tf.data.Dataset:
+    """Endless balanced, augmented batches from the inputs."""
     groups, sizes, names = balance_groups(y)
     weights = group_weights(sizes, names, cfg)
     log.info(
@@ -130,7 +220,7 @@ def train_dataset(x: np.ndarray, y: np.ndarray, cfg: PipelineConfig) -> tf.data.
             f"{n} {int(s)} (p={w:.3f})" for n, s, w in zip(names, sizes, weights, strict=True)
         ),
     )
-    xt = tf.constant(x)
+    gather = _gather(x)
     yt = tf.constant(y)
     streams = [
         tf.data.Dataset.from_tensor_slices(g)
@@ -142,7 +232,7 @@ def train_dataset(x: np.ndarray, y: np.ndarray, cfg: PipelineConfig) -> tf.data.
     ds = tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=cfg.seed)
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
     ds = ds.map(
-        lambda i: (tf.cast(tf.gather(xt, i), tf.float32), tf.gather(yt, i)),
+        lambda i: (gather(i), tf.gather(yt, i)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     ds = ds.map(
@@ -159,13 +249,19 @@ def _data_sharded(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(opts)
 
 
-def eval_dataset(x: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    return (
-        tf.data.Dataset.from_tensor_slices(x)
-        .batch(batch_size)
-        .map(lambda a: tf.cast(a, tf.float32))
-        .with_options(_data_sharded(tf.data.Dataset.range(1)).options())
-        .prefetch(tf.data.AUTOTUNE)
+def eval_dataset(x: Inputs, batch_size: int) -> tf.data.Dataset:
+    """The inputs in order, in batches (decoded in parallel when ``x`` is lazy)."""
+    if isinstance(x, LazyInputs):
+        ds = (
+            tf.data.Dataset.range(len(x))
+            .batch(batch_size)
+            .map(_gather(x), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        )
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+        ds = ds.map(lambda a: tf.cast(a, tf.float32))
+    return ds.with_options(_data_sharded(tf.data.Dataset.range(1)).options()).prefetch(
+        tf.data.AUTOTUNE
     )
 
 
