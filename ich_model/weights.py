@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,9 @@ class Manifest:
         return self.sha256[:12]
 
     def to_json(self) -> str:
-        d = asdict(self)
-        return json.dumps(d, indent=2, sort_keys=False) + "\n"
+        """Standard JSON: a metric that is undefined (an AUC without positives) is null."""
+        d = _no_nan(asdict(self))
+        return json.dumps(d, indent=2, sort_keys=False, allow_nan=False) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: Path | str = "manifest") -> Manifest:
@@ -155,6 +157,16 @@ def write_manifest(weights: Path, manifest: Manifest) -> Path:
     tmp.write_text(final.to_json(), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def _no_nan(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _no_nan(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_no_nan(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def model_card_summary(manifest: Manifest) -> str:

@@ -77,3 +77,17 @@ def test_save_weights_requires_keras_suffix(tmp_path):
     cfg = ModelConfig(input_size=64, width=0.25, middle_blocks=1)
     with pytest.raises(ValueError, match=r"\.weights\.h5"):
         save_weights(build_model(cfg), cfg, tmp_path / "m.h5", trained=False)
+
+
+def test_manifest_is_standard_json_with_undefined_metrics():
+    # an AUC without positives is NaN in numpy; the manifest writes null (strict JSON)
+    from ich_model.weights import Manifest
+
+    metrics = {"auc": {"epidural": float("nan"), "any": 0.9}, "auc_ci": {"any": [0.8, 1.0]}}
+    m = Manifest(architecture={}, sha256="ab" * 32, weights_file="w.weights.h5", metrics=metrics)
+
+    def strict(name: str) -> float:
+        raise ValueError(f"not JSON: {name}")
+
+    data = json.loads(m.to_json(), parse_constant=strict)
+    assert data["metrics"]["auc"] == {"epidural": None, "any": 0.9}

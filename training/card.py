@@ -96,7 +96,9 @@ def _fmt(v: float | None, nd: int = 3) -> str:
 
 
 def _ci(c: list[float] | None) -> str:
-    return f"{c[0]:.3f} to {c[1]:.3f}" if c else "too few positives"
+    if not c or any(x is None or not math.isfinite(x) for x in c):
+        return "too few positives"
+    return f"{c[0]:.3f} to {c[1]:.3f}"
 
 
 def model_card(
