@@ -226,9 +226,18 @@ class _OverlayPainter:
         for i, s in enumerate(o.top_right):
             self.text(a.right() - m, top + i * self.line, s, "#dcdcdc", right=True)
         n = len(o.bottom_left)
+        # in a narrow view the bottom-left lines go above the notice's row, never under it
+        widest = max((self.fm.horizontalAdvance(s) for s in o.bottom_left), default=0.0)
+        notice = QFontMetricsF(self.bold).horizontalAdvance(o.notice) if o.notice else 0.0
+        lift = self.line + 4 if widest + notice + 3 * m > a.width() else 0.0
         for i, s in enumerate(o.bottom_left):
-            self.text(a.left() + m, a.bottom() - m - (n - i) * self.line, s, "#dcdcdc")
-        self._edges(o.edges, letters_top)
+            self.text(a.left() + m, a.bottom() - m - (n - i) * self.line - lift, s, "#dcdcdc")
+        # the orientation letters move clear of corner text that reaches the middle
+        crowded = a.right() - m - notice < a.center().x() + self.line
+        top_w = max((self.fm.horizontalAdvance(s) for s in o.top_right), default=0.0)
+        if a.right() - m - top_w < a.center().x() + self.line:
+            letters_top = top + len(o.top_right) * self.line
+        self._edges(o.edges, letters_top, self.line + 4 if crowded else 0.0)
         self._probabilities(o)
 
     def _hint(self, hint: str) -> None:
@@ -256,7 +265,7 @@ class _OverlayPainter:
         self.p.drawText(box.adjusted(8, 5, -8, -5), flags, text)
         return box.bottom()
 
-    def _edges(self, edges: tuple[str, str, str, str], top_y: float) -> None:
+    def _edges(self, edges: tuple[str, str, str, str], top_y: float, lift: float = 0.0) -> None:
         left, right, top, bottom = edges
         if not any(edges):
             return
@@ -269,7 +278,7 @@ class _OverlayPainter:
         w = self.fm.horizontalAdvance(top) / 2
         self.text(a.center().x() - w, top_y, top, c, bold=True)
         w = self.fm.horizontalAdvance(bottom) / 2
-        self.text(a.center().x() - w, a.bottom() - self.line - 2, bottom, c, bold=True)
+        self.text(a.center().x() - w, a.bottom() - self.line - 2 - lift, bottom, c, bold=True)
 
     def _probabilities(self, o: OverlayText) -> None:
         """Bottom right: per-subtype bars for this slice, the model status, the notice."""
