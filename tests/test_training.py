@@ -112,7 +112,10 @@ def test_inputs_too_large_for_memory_are_decoded_on_the_fly(phantoms):
     samples = read_dataset(phantoms)
     train, val = split_by_group(samples, 0.3, seed=0)
     cfg = PipelineConfig(input_size=32, hu_range=(0.0, 80.0), batch_size=4)
-    xt, yt, xv, yv = decode_split(train, val, cfg)  # a few MB: in memory
+    seen: list[tuple[int, int]] = []
+    xt, yt, xv, yv = decode_split(train, val, cfg, lambda d, n: seen.append((d, n)))  # in memory
+    total = len(train) + len(val)
+    assert [d for d, _ in seen] == list(range(1, total + 1)) and {n for _, n in seen} == {total}
     assert isinstance(xt, np.ndarray) and isinstance(xv, np.ndarray)
     lt, lyt, lv, lyv = decode_split(train, val, PipelineConfig(**{**cfg.__dict__, "memory_gb": 0}))
     assert isinstance(lt, LazyInputs) and isinstance(lv, LazyInputs)

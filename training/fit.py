@@ -205,6 +205,21 @@ class _Progress(keras.callbacks.Callback):
         print(f"epoch {epoch + 1}/{self.total} done, about {left / 60:.1f} min left", flush=True)
 
 
+class _DecodeProgress:
+    """A line at every tenth of the decoding with the time left (it can take minutes)."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0, self.shown = t0, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        tenth = 10 * done // max(total, 1)
+        if tenth <= self.shown:
+            return
+        self.shown = tenth
+        left = (time.time() - self.t0) / done * (total - done)
+        print(f"decoding: {done}/{total} slices, about {left:.0f} s left", flush=True)
+
+
 class _ValidateAndCheckpoint(keras.callbacks.Callback):
     """After each epoch: validate with the challenge metric, checkpoint, early-stop, time-limit.
 
@@ -389,7 +404,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         flush=True,
     )
     t0 = time.time()
-    xt, yt, xv, yv = decode_split(train_s, val_s, pcfg)
+    xt, yt, xv, yv = decode_split(train_s, val_s, pcfg, _DecodeProgress(t0))
     if isinstance(xt, np.ndarray):
         print(
             f"decoded and windowed {len(xt) + len(xv)} slices in {time.time() - t0:.0f} s",

@@ -122,10 +122,14 @@ def decode_inputs(
 
 
 def decode_split(
-    train: Sequence[Sample], val: Sequence[Sample], cfg: PipelineConfig
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    cfg: PipelineConfig,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Inputs, np.ndarray, Inputs, np.ndarray]:
     """Training and validation inputs: decoded into memory when both fit in
-    :func:`memory_budget_gb`, else decoded on the fly (said in the log)."""
+    :func:`memory_budget_gb`, else decoded on the fly (said in the log). ``progress(done,
+    total)`` follows the decoding into memory, both sets together."""
     need, budget = decoded_gb(len(train) + len(val), cfg), memory_budget_gb(cfg)
     lazy = need > budget
     if lazy:
@@ -138,8 +142,13 @@ def decode_split(
             budget,
         )
     empty = np.zeros((0, cfg.input_size, cfg.input_size, 3), np.float16), np.zeros((0, 6))
-    xt, yt = decode_inputs(train, cfg, lazy=lazy) if train else empty
-    xv, yv = decode_inputs(val, cfg, lazy=lazy) if val else empty
+    total = len(train) + len(val)
+
+    def shifted(offset: int) -> Callable[[int, int], None] | None:
+        return None if progress is None else lambda done, _n: progress(offset + done, total)
+
+    xt, yt = decode_inputs(train, cfg, shifted(0), lazy=lazy) if train else empty
+    xv, yv = decode_inputs(val, cfg, shifted(len(train)), lazy=lazy) if val else empty
     return xt, yt.astype(np.float32), xv, yv.astype(np.float32)
 
 
