@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ich_model import __version__
-from ich_model.dicom_io import MIN_SLICES, analyzability, load_series, scan
+from ich_model.dicom_io import MIN_SLICES, analyzability, load_series, scan, scored_on_request
 from ich_model.labels import LABELS, NOT_FOR_DIAGNOSIS
 from ich_model.predictor import Predictor, ScoreResult
 from ich_model.series import CTSeries, SeriesInfo, SeriesLoadError
@@ -294,7 +294,7 @@ def _score_one(
         )
     warnings = series.warnings
     if reasons:  # the user insisted (force): the reasons stay with the scores
-        warnings = (*warnings, "not analyzable, scored on request: " + "; ".join(reasons))
+        warnings = (*warnings, scored_on_request(reasons))
     try:
         result = predictor.score_series(series, cancelled=cancelled)
     except Exception as exc:

@@ -1654,6 +1654,11 @@ def analyzability(series: CTSeries | SeriesInfo, min_slices: int = MIN_SLICES) -
     return reasons
 
 
+def scored_on_request(reasons: Sequence[str]) -> str:
+    """The warning a series not analyzable keeps when the user has it scored anyway."""
+    return "not analyzable, scored on request: " + "; ".join(reasons)
+
+
 def with_warning(series: CTSeries, message: str) -> CTSeries:
     """A copy of the series with one more warning."""
     return replace(series, warnings=(*series.warnings, message))

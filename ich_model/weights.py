@@ -62,7 +62,7 @@ class Manifest:
 
     def to_json(self) -> str:
         """Standard JSON: a metric that is undefined (an AUC without positives) is null."""
-        d = _no_nan(asdict(self))
+        d = jsonable(asdict(self))
         return json.dumps(d, indent=2, sort_keys=False, allow_nan=False) + "\n"
 
     @classmethod
@@ -159,11 +159,12 @@ def write_manifest(weights: Path, manifest: Manifest) -> Path:
     return path
 
 
-def _no_nan(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """``v`` with every NaN or infinity replaced by None (null), for strict JSON."""
     if isinstance(v, dict):
-        return {k: _no_nan(x) for k, x in v.items()}
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_no_nan(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ich_model.labels import LABELS
+from ich_model.weights import jsonable
 
 FORMAT_HELP = (
     "data format: rsna-dcm (stage_2_train.csv + ID_<id>.dcm, or labels.csv with a 'file' "
@@ -408,18 +409,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         # exactly these keys at the top level (the table above has the rest)
         out = {k: m[k] for k in JSON_KEYS}
-        Path(args.json).write_text(json.dumps(_jsonable(out), indent=2) + "\n", encoding="utf-8")
+        Path(args.json).write_text(json.dumps(jsonable(out), indent=2) + "\n", encoding="utf-8")
     return 0
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
 
 
 def _bar(done: int, total: int, t0: float, label: str = "") -> None:

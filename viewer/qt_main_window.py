@@ -638,7 +638,7 @@ class QtMainWindow(QMainWindow):
         self._score_note = self._forced_note = ""
         if s is None:
             return
-        from ich_model.dicom_io import analyzability  # lazily: see viewer.workers
+        from ich_model.dicom_io import analyzability, scored_on_request  # lazily: see workers
 
         reasons = analyzability(s)
         if reasons and not force:
@@ -648,7 +648,7 @@ class QtMainWindow(QMainWindow):
             self.findings.set_status(f"Model: {self._score_note}", error=True)
         elif self._model_state in ("loading", "ready"):
             if reasons:  # the user insisted: the reasons stay in sight and in the exports
-                self._forced_note = "not analyzable, scored on request: " + "; ".join(reasons)
+                self._forced_note = scored_on_request(reasons)
                 shown = [w.removeprefix(f"series {s.key}: ") for w in s.warnings]
                 self.findings.set_warnings([*shown, self._forced_note])
             if self._threads_started_model and not self._model_requested:
