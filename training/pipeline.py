@@ -69,10 +69,6 @@ class LazyInputs:
     def __len__(self) -> int:
         return len(self.samples)
 
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.samples), self.size, self.size, 3)
-
     def one(self, i: int) -> np.ndarray:
         s = self.samples[int(i)]
         try:
@@ -130,26 +126,29 @@ def decode_split(
     """Training and validation inputs: decoded into memory when both fit in
     :func:`memory_budget_gb`, else decoded on the fly (said in the log). ``progress(done,
     total)`` follows the decoding into memory, both sets together."""
-    need, budget = decoded_gb(len(train) + len(val), cfg), memory_budget_gb(cfg)
+    total = len(train) + len(val)
+    need, budget = decoded_gb(total, cfg), memory_budget_gb(cfg)
     lazy = need > budget
     if lazy:
         log.warning(
             "%d slices at %d px take %.1f GB decoded, more than the %.1f GB allowed "
             "(--memory-gb): decoding them on the fly each time they are drawn",
-            len(train) + len(val),
+            total,
             cfg.input_size,
             need,
             budget,
         )
-    empty = np.zeros((0, cfg.input_size, cfg.input_size, 3), np.float16), np.zeros((0, 6))
-    total = len(train) + len(val)
+    empty = (
+        np.zeros((0, cfg.input_size, cfg.input_size, 3), np.float16),
+        np.zeros((0, 6), np.float32),
+    )
 
     def shifted(offset: int) -> Callable[[int, int], None] | None:
         return None if progress is None else lambda done, _n: progress(offset + done, total)
 
     xt, yt = decode_inputs(train, cfg, shifted(0), lazy=lazy) if train else empty
     xv, yv = decode_inputs(val, cfg, shifted(len(train)), lazy=lazy) if val else empty
-    return xt, yt.astype(np.float32), xv, yv.astype(np.float32)
+    return xt, yt, xv, yv
 
 
 def balance_groups(y: np.ndarray) -> tuple[list[np.ndarray], list[float], list[str]]:
